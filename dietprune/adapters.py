@@ -1,0 +1,182 @@
+"""Where the hidden dimension lives, per architecture family.
+
+An adapter is data, not code: module paths relative to the model or to one decoder block,
+which linear layers read the hidden dimension (input side) and which write it (output side),
+which norms sit on the residual path, and the few numeric conventions (Gemma's ``1 + w`` norm
+gain, Gemma's ``sqrt(hidden_size)`` embedding scale). Profiling, surgery, repair and the
+baselines only ever go through an adapter; no other module looks at model names.
+
+An unknown ``model_type`` is an error listing the supported families, never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import DietpruneError
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    family: str
+    model_types: tuple[str, ...]
+    # Linear layers of a block whose *input* features are the hidden dimension.
+    readers: tuple[str, ...]
+    # Linear layers of a block whose *output* features are the hidden dimension.
+    writers: tuple[str, ...]
+    # Norms of a block that act on the hidden dimension, in execution order.
+    residual_norms: tuple[str, ...]
+    # For each norm whose output is read by projections: the projections that read it.
+    norm_readers: dict[str, tuple[str, ...]]
+    # For each writer: the norm applied to its output before the residual add (Gemma), or None.
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    # RMSNorm output = x / rms(x) * (norm_offset + weight)
+    norm_offset: float = 0.0
+    # Embeddings are multiplied by sqrt(config.hidden_size) inside the model's forward.
+    embed_scaled_by_sqrt_hidden: bool = False
+    # Attention / MLP internals for structured baselines (heads, channels).
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out: str = "mlp.down_proj"
+    extra: dict = field(default_factory=dict)
+
+    # ---- module access -------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(get_module(model, self.layers))
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return get_module(model, self.embed)
+
+    def output_head(self, model: nn.Module) -> nn.Linear:
+        return get_module(model, self.lm_head)
+
+    def norm(self, model: nn.Module) -> nn.Module:
+        return get_module(model, self.final_norm)
+
+    def tied(self, model: nn.Module) -> bool:
+        return self.output_head(model).weight is self.embedding(model).weight
+
+    def reader_norms(self) -> tuple[str, ...]:
+        """Norms whose outputs feed projections: the 'norm-out' tap."""
+        return tuple(self.norm_readers)
+
+    def write_norms(self) -> tuple[str, ...]:
+        """Residual norms whose output is added to the residual stream (Gemma's post-norms)."""
+        return tuple(n for n in self.residual_norms if n not in self.norm_readers)
+
+    def embed_scale(self, hidden_size: int) -> float:
+        return float(hidden_size) ** 0.5 if self.embed_scaled_by_sqrt_hidden else 1.0
+
+    def width_multiple(self, config) -> int:
+        """Stock transformers configs (Llama, Gemma) require hidden_size % num_attention_heads == 0."""
+        return int(config.num_attention_heads)
+
+    def check(self, model: nn.Module) -> None:
+        """Every declared module must exist with the expected hidden width."""
+        d = model.config.hidden_size
+        blocks = self.blocks(model)
+        if len(blocks) != model.config.num_hidden_layers:
+            raise DietpruneError(
+                f"{self.family} adapter found {len(blocks)} blocks at '{self.layers}', "
+                f"config says {model.config.num_hidden_layers}"
+            )
+        for block in blocks:
+            for name in self.readers:
+                lin = get_module(block, name)
+                if lin.in_features != d:
+                    raise DietpruneError(f"{name} reads {lin.in_features} features, hidden_size is {d}")
+            for name in self.writers:
+                lin = get_module(block, name)
+                if lin.out_features != d:
+                    raise DietpruneError(f"{name} writes {lin.out_features} features, hidden_size is {d}")
+            for name in self.residual_norms:
+                if get_module(block, name).weight.shape[0] != d:
+                    raise DietpruneError(f"norm {name} is not {d} wide")
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise DietpruneError(f"{type(root).__name__} has no submodule '{path}'")
+        mod = getattr(mod, part)
+    return mod
+
+
+_LLAMA_LIKE = dict(
+    readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+    writers=("self_attn.o_proj", "mlp.down_proj"),
+    residual_norms=("input_layernorm", "post_attention_layernorm"),
+    norm_readers={
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+)
+
+_GEMMA_SANDWICH = dict(
+    readers=_LLAMA_LIKE["readers"],
+    writers=_LLAMA_LIKE["writers"],
+    residual_norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+    norm_readers={
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+    norm_offset=1.0,
+    embed_scaled_by_sqrt_hidden=True,
+)
+
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    ModelAdapter(family="gemma3", model_types=("gemma3_text",), **_GEMMA_SANDWICH),
+    ModelAdapter(family="gemma2", model_types=("gemma2",), **_GEMMA_SANDWICH),
+    ModelAdapter(family="llama", model_types=("llama",), **_LLAMA_LIKE),
+    ModelAdapter(family="mistral", model_types=("mistral",), **_LLAMA_LIKE),
+    ModelAdapter(family="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
+    ModelAdapter(family="qwen3", model_types=("qwen3",), **_LLAMA_LIKE),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for_type(model_type: str) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise DietpruneError(
+        f"unsupported architecture '{model_type}'; supported: {', '.join(supported_model_types())}"
+    )
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    adapter = adapter_for_type(getattr(model.config, "model_type", "?"))
+    adapter.check(model)
+    return adapter
+
+
+@torch.no_grad()
+def param_count(model: nn.Module) -> int:
+    """Parameters as a saved checkpoint counts them (tied weights once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,131 @@
+"""Rows for a task, from the Hugging Face hub or a local folder, through one loader.
+
+Local data (``--data-dir`` or ``DIETPRUNE_DATA_DIR``) is JSONL in the hub schema, laid out as
+``DIR/<task>/calib.jsonl`` and ``DIR/<task>/eval.jsonl``. Both paths go through
+``datasets.load_dataset``; calibration rows are drawn with a seeded sample, evaluation rows are
+the first ``limit`` rows (as ``lm_eval --limit`` does).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+from .errors import DietpruneError
+from .tasks import Example, Task
+
+DATA_ENV = "DIETPRUNE_DATA_DIR"
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    d = explicit or os.environ.get(DATA_ENV)
+    if not d:
+        return None
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        raise DietpruneError(f"data dir {p} does not exist (from {'--data-dir' if explicit else DATA_ENV})")
+    return p
+
+
+def read_file_fields(path: str | os.PathLike) -> list[str]:
+    """Field names of a user task file (first record); clear errors for empty/malformed files."""
+    rows = _read_user_file(Path(path), limit=1)
+    return list(rows[0])
+
+
+def _read_user_file(path: Path, limit: int | None = None) -> list[dict]:
+    if not path.is_file():
+        raise DietpruneError(f"task file not found: {path}")
+    rows: list[dict] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            try:
+                for row in csv.DictReader(fh):
+                    rows.append(row)
+                    if limit and len(rows) >= limit:
+                        break
+            except csv.Error as exc:
+                raise DietpruneError(f"task file {path}: malformed CSV ({exc})") from exc
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DietpruneError(f"task file {path}, line {lineno}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise DietpruneError(f"task file {path}, line {lineno}: expected a JSON object")
+                rows.append(row)
+                if limit and len(rows) >= limit:
+                    break
+    else:
+        raise DietpruneError(f"task file {path}: use .jsonl or .csv")
+    if not rows:
+        raise DietpruneError(f"task file {path} is empty")
+    return rows
+
+
+def _load_local(task: Task, role: str, root: Path) -> list[dict]:
+    fname = task.local_files.get(role)
+    path = root / task.name / fname if fname else None
+    if path is None or not path.is_file():
+        raise DietpruneError(f"task '{task.name}' has no local {role} data: expected {path or root / task.name}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    return list(ds)
+
+
+def _load_hub(task: Task, role: str) -> list[dict]:
+    if task.hub_path is None or role not in task.hub_splits:
+        raise DietpruneError(f"task '{task.name}' has no hub source for {role} data; set {DATA_ENV}")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(task.hub_path, task.hub_name, split=task.hub_splits[role])
+    except Exception as exc:  # network, auth, missing dataset: all end the same way for the user
+        raise DietpruneError(
+            f"could not load task '{task.name}' from the Hugging Face hub ({type(exc).__name__}); "
+            f"set {DATA_ENV} (or pass --data-dir) to a folder with {task.name}/{task.local_files.get(role)}"
+        ) from exc
+    return list(ds)
+
+
+def load_rows(task: Task, role: str, data_dir_: str | os.PathLike | None = None) -> list[dict]:
+    """All rows of a task for a role ('calib' or 'eval')."""
+    if task.path is not None:
+        rows = _read_user_file(Path(task.path))
+    else:
+        root = data_dir(data_dir_)
+        rows = _load_local(task, role, root) if root else _load_hub(task, role)
+    if not rows:
+        raise DietpruneError(f"task '{task.name}' has no {role} rows")
+    return rows
+
+
+def calibration_examples(task: Task, samples: int, seed: int = 0, data_dir_=None) -> list[Example]:
+    """`samples` seeded-random examples for profiling (text tasks: non-blank rows only)."""
+    if samples <= 0:
+        raise DietpruneError(f"samples must be positive, got {samples}")
+    rows = load_rows(task, "calib", data_dir_)
+    examples = [task.format(r) for r in rows]
+    if task.kind in ("perplexity", "text"):
+        examples = [e for e in examples if e.continuations[0].strip()]
+        if not examples:
+            raise DietpruneError(f"task '{task.name}' has only blank text rows")
+    rng = random.Random(seed)
+    if samples >= len(examples):
+        return examples
+    idx = sorted(rng.sample(range(len(examples)), samples))
+    return [examples[i] for i in idx]
+
+
+def evaluation_rows(task: Task, limit: int | None = None, data_dir_=None) -> list[dict]:
+    rows = load_rows(task, "eval", data_dir_)
+    return rows[:limit] if limit else rows

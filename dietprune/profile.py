@@ -1,0 +1,231 @@
+"""DIET profiling: per-task mean |activation| of every hidden dimension at a tap point.
+
+Tap points (where activations are read):
+
+- ``residual``: the output of every decoder block (the residual stream), the literal reading.
+- ``norm-out``: the outputs of the norms that feed projections (what the weights read).
+- ``write``: what each sub-layer adds to the residual stream (Gemma's post-norm outputs,
+  otherwise the outputs of o_proj / down_proj).
+
+Forward hooks add ``sum |x|`` over non-padding tokens into float64 accumulators; nothing but
+those sums is kept, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, adapter_for, get_module
+from .data import calibration_examples
+from .encoding import batches, calibration_ids, wants_bos
+from .errors import DietpruneError
+from .progress import progress
+from .stats import NormStats, Profile, TaskStats
+from .tasks import Task, parse_tasks
+
+TAPS = ("residual", "norm-out", "write")
+DEFAULT_TAP = "norm-out"
+
+
+def tap_points(model: nn.Module, adapter: ModelAdapter, tap: str) -> list[tuple[str, nn.Module]]:
+    blocks = adapter.blocks(model)
+    if tap == "residual":
+        return [(f"{adapter.layers}.{i}", b) for i, b in enumerate(blocks)]
+    if tap == "norm-out":
+        names = adapter.reader_norms()
+    elif tap == "write":
+        names = adapter.write_norms() or adapter.writers
+    else:
+        raise DietpruneError(f"unknown tap '{tap}'; choose from {', '.join(TAPS)}")
+    return [(f"{adapter.layers}.{i}.{n}", get_module(b, n)) for i, b in enumerate(blocks) for n in names]
+
+
+def _tensor(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _Accumulator:
+    """Holds the current batch's token mask and the running sums."""
+
+    def __init__(self, n_points: int, d: int, device):
+        self.mask: torch.Tensor | None = None
+        self.abs_sum = torch.zeros(n_points, d, dtype=torch.float64, device=device)
+        self.names: list[str] = []
+
+    def hook(self, index: int):
+        def fn(module, args, output):
+            x = _tensor(output)
+            tokens = x[self.mask]  # [N, d]
+            self.abs_sum[index] += tokens.abs().sum(0, dtype=torch.float64)
+
+        return fn
+
+
+class _NormAccumulator:
+    """Sums of x**2 entering each residual norm, and optional Gram matrices of reader-norm outputs."""
+
+    def __init__(self, adapter: ModelAdapter, n_layers: int, d: int, device, gram: bool):
+        self.adapter = adapter
+        self.mask: torch.Tensor | None = None
+        self.in_sq = torch.zeros(n_layers, len(adapter.residual_norms), d, dtype=torch.float64, device=device)
+        self.final_in_sq = torch.zeros(d, dtype=torch.float64, device=device)
+        n_r = len(adapter.reader_norms())
+        self.gram = torch.zeros(n_layers, n_r, d, d, dtype=torch.float64, device=device) if gram else None
+        self.final_gram = torch.zeros(d, d, dtype=torch.float64, device=device) if gram else None
+
+    def pre_hook(self, layer: int | None, j: int):
+        def fn(module, args):
+            x = args[0][self.mask].to(torch.float64)
+            if layer is None:
+                self.final_in_sq += (x * x).sum(0)
+            else:
+                self.in_sq[layer, j] += (x * x).sum(0)
+
+        return fn
+
+    def gram_hook(self, layer: int | None, j: int):
+        def fn(module, args, output):
+            y = _tensor(output)[self.mask].to(torch.float64)
+            if layer is None:
+                self.final_gram += y.T @ y
+            else:
+                self.gram[layer, j] += y.T @ y
+
+        return fn
+
+    def register(self, model: nn.Module) -> list:
+        adapter = self.adapter
+        handles = []
+        for i, block in enumerate(adapter.blocks(model)):
+            for j, name in enumerate(adapter.residual_norms):
+                handles.append(get_module(block, name).register_forward_pre_hook(self.pre_hook(i, j)))
+            if self.gram is not None:
+                for j, name in enumerate(adapter.reader_norms()):
+                    handles.append(get_module(block, name).register_forward_hook(self.gram_hook(i, j)))
+        handles.append(adapter.norm(model).register_forward_pre_hook(self.pre_hook(None, 0)))
+        if self.final_gram is not None:
+            handles.append(adapter.norm(model).register_forward_hook(self.gram_hook(None, 0)))
+        return handles
+
+
+@contextlib.contextmanager
+def _hooks(handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def token_mask(ids: torch.Tensor, attention: torch.Tensor, skip_bos: bool, bos_id: int | None) -> torch.Tensor:
+    mask = attention.bool()
+    if skip_bos and bos_id is not None:
+        mask = mask.clone()
+        mask[:, 0] &= ids[:, 0] != bos_id
+    return mask
+
+
+@dataclass
+class ProfileConfig:
+    samples: int = 100
+    seed: int = 0
+    tap: str = DEFAULT_TAP
+    batch_size: int = 8
+    max_length: int = 512
+    skip_bos: bool = False
+    norm_stats: bool = True  # sums of squares at norm inputs (cheap; used by RMS correction)
+    gram: bool = False  # d×d Gram matrices at reader-norm outputs (least-squares repair)
+
+    def __post_init__(self):
+        if self.tap not in TAPS:
+            raise DietpruneError(f"unknown tap '{self.tap}'; choose from {', '.join(TAPS)}")
+        if self.samples <= 0:
+            raise DietpruneError(f"samples must be positive, got {self.samples}")
+        if self.batch_size <= 0 or self.max_length <= 1:
+            raise DietpruneError("batch_size must be positive and max_length above 1")
+
+
+@torch.no_grad()
+def collect(model: nn.Module, tokenizer, sequences: list[list[int]], config: ProfileConfig,
+            desc: str = "profile", norm_acc: _NormAccumulator | None = None) -> TaskStats:
+    """Run `sequences` through the model and return the |activation| sums at the tap."""
+    adapter = adapter_for(model)
+    device = next(model.parameters()).device
+    points = tap_points(model, adapter, config.tap)
+    acc = _Accumulator(len(points), model.config.hidden_size, device)
+    handles = [m.register_forward_hook(acc.hook(i)) for i, (_, m) in enumerate(points)]
+    if norm_acc is not None:
+        handles += norm_acc.register(model)
+    count = 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with _hooks(handles):
+        n_batches = -(-len(sequences) // config.batch_size)
+        for ids, attn in progress(batches(sequences, config.batch_size, pad), total=n_batches, desc=desc):
+            ids, attn = ids.to(device), attn.to(device)
+            mask = token_mask(ids, attn, config.skip_bos, tokenizer.bos_token_id)
+            acc.mask = mask
+            if norm_acc is not None:
+                norm_acc.mask = mask
+            model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
+            count += int(mask.sum())
+    stats = TaskStats(acc.abs_sum.cpu(), count, len(sequences))
+    bad = ~torch.isfinite(stats.abs_sum).all(dim=1)
+    if bad.any():
+        raise DietpruneError(f"non-finite activations (NaN/inf) at {points[int(bad.nonzero()[0])][0]}")
+    return stats
+
+
+def profile(model: nn.Module, tokenizer, tasks, config: ProfileConfig | None = None,
+            data_dir=None, fingerprint: str | None = None, model_spec: str | None = None) -> Profile:
+    """Profile `model` on each task and return per-task statistics (plus norm statistics)."""
+    from .models import model_fingerprint
+
+    config = config or ProfileConfig()
+    task_list: list[Task] = parse_tasks(tasks)
+    adapter = adapter_for(model)
+    add_bos = wants_bos(model)
+    device = next(model.parameters()).device
+    norm_acc = None
+    if config.norm_stats or config.gram:
+        norm_acc = _NormAccumulator(adapter, model.config.num_hidden_layers, model.config.hidden_size, device,
+                                    gram=config.gram)
+    # Load and format every task before the first forward pass: data errors surface at once.
+    encoded = {}
+    for task in task_list:
+        examples = calibration_examples(task, config.samples, config.seed, data_dir)
+        encoded[task.name] = calibration_ids(tokenizer, examples, add_bos, config.max_length)
+    per_task, timings = {}, {}
+    for task in task_list:
+        t0 = time.perf_counter()
+        per_task[task.name] = collect(model, tokenizer, encoded[task.name], config, desc=f"profile {task.name}",
+                                      norm_acc=norm_acc)
+        timings[task.name] = round(time.perf_counter() - t0, 2)
+    norms = None
+    if norm_acc is not None:
+        total = sum(st.count for st in per_task.values())
+        norms = NormStats(norm_acc.in_sq.cpu(), norm_acc.final_in_sq.cpu(), total,
+                          None if norm_acc.gram is None else norm_acc.gram.cpu(),
+                          None if norm_acc.final_gram is None else norm_acc.final_gram.cpu())
+        if not torch.isfinite(norms.in_sq).all():
+            raise DietpruneError("non-finite activations (NaN/inf) entering a residual norm")
+    meta = {
+        "fingerprint": fingerprint or model_fingerprint(model),
+        "model": model_spec,
+        "model_type": model.config.model_type,
+        "hidden_size": model.config.hidden_size,
+        "tap": config.tap,
+        "skip_bos": config.skip_bos,
+        "samples": {t: per_task[t].samples for t in per_task},
+        "requested_samples": config.samples,
+        "seed": config.seed,
+        "max_length": config.max_length,
+        "tokens": {t: per_task[t].count for t in per_task},
+        "seconds": timings,
+        "task_versions": {t.name: t.version for t in task_list},
+    }
+    return Profile(per_task, meta, norms)

@@ -1,0 +1,97 @@
+"""Training-free repair after a hidden-dimension cut, from calibration statistics.
+
+Both repairs change weights of the *full* model given the kept indices, before surgery:
+
+- ``rms_correct_``: an RMS norm over k of d dimensions divides by the RMS of the kept
+  coordinates instead of all of them. Each residual-path norm's gain is multiplied by
+  sqrt(ms_kept / ms_all), the ratio of the calibration mean squares at that norm's input, so the
+  kept coordinates come out at the scale the full model produced.
+- ``ls_compensate_``: the removed coordinates of a norm output are predicted linearly from the
+  kept ones, y_r ≈ A y_k with A = G_rk (G_kk + λI)⁻¹ from the calibration Gram matrix G, and A
+  is folded into every projection that reads that norm: W_k ← W_k + W_r A.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, adapter_for, get_module
+from .errors import DietpruneError
+from .stats import NormStats
+
+REPAIRS = ("none", "rms", "ls", "rms+ls")
+
+
+def parse_repair(repair: str | None) -> tuple[bool, bool]:
+    repair = repair or "none"
+    if repair not in REPAIRS:
+        raise DietpruneError(f"unknown repair '{repair}'; choose from {', '.join(REPAIRS)}")
+    return "rms" in repair, "ls" in repair
+
+
+def _complement(kept: torch.Tensor, d: int) -> torch.Tensor:
+    mask = torch.ones(d, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten()
+
+
+def rms_ratio(in_sq: torch.Tensor, kept: torch.Tensor) -> float:
+    """sqrt(mean square over kept dims / mean square over all dims) for one norm's input."""
+    all_ms = in_sq.sum() / in_sq.numel()
+    kept_ms = in_sq[kept].sum() / len(kept)
+    if all_ms <= 0:
+        return 1.0
+    return float(torch.sqrt(kept_ms / all_ms))
+
+
+@torch.no_grad()
+def rms_correct_(model: nn.Module, kept: torch.Tensor, norms: NormStats, adapter: ModelAdapter | None = None) -> dict:
+    """Rescale every residual-path norm gain (block norms and the final norm); returns the factors."""
+    adapter = adapter or adapter_for(model)
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    factors = {}
+    for i, block in enumerate(adapter.blocks(model)):
+        for j, name in enumerate(adapter.residual_norms):
+            f = rms_ratio(norms.in_sq[i, j], kept)
+            norm = get_module(block, name)
+            norm.weight.data.copy_((adapter.norm_offset + norm.weight.data) * f - adapter.norm_offset)
+            factors[f"{i}.{name}"] = f
+    f = rms_ratio(norms.final_in_sq, kept)
+    final = adapter.norm(model)
+    final.weight.data.copy_((adapter.norm_offset + final.weight.data) * f - adapter.norm_offset)
+    factors["final"] = f
+    return factors
+
+
+def ls_map(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A = G_rk (G_kk + λI)⁻¹ with λ = ridge · mean(diag G_kk): [removed, kept]."""
+    g = gram.double()
+    gkk = g[kept][:, kept]
+    grk = g[removed][:, kept]
+    lam = ridge * torch.diagonal(gkk).mean().clamp_min(1e-12)
+    eye = torch.eye(len(kept), dtype=torch.float64)
+    # A (G_kk + λI) = G_rk  ->  solve (G_kk + λI)ᵀ Aᵀ = G_rkᵀ (G_kk is symmetric)
+    return torch.linalg.solve(gkk + lam * eye, grk.T).T
+
+
+@torch.no_grad()
+def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge: float = 1e-2,
+                   adapter: ModelAdapter | None = None) -> None:
+    """Fold the least-squares prediction of removed norm outputs into the projections reading them."""
+    adapter = adapter or adapter_for(model)
+    if norms.gram is None:
+        raise DietpruneError("least-squares repair needs Gram statistics: profile with gram=True")
+    d = model.config.hidden_size
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    removed = _complement(kept, d)
+    if len(removed) == 0:
+        return
+    for i, block in enumerate(adapter.blocks(model)):
+        for j, norm_name in enumerate(adapter.reader_norms()):
+            a = ls_map(norms.gram[i, j], kept, removed, ridge)  # [r, k]
+            for lin_name in adapter.norm_readers[norm_name]:
+                lin = get_module(block, lin_name)
+                w = lin.weight.data.double()
+                w[:, kept] += w[:, removed] @ a
+                lin.weight.data.copy_(w.to(lin.weight.dtype))

@@ -1,0 +1,150 @@
+"""Activation statistics kept as sums and token counts.
+
+Everything here is additive: two shards of calibration data (or two processes) give two
+objects whose ``+`` equals the statistics of the union exactly. Means are only taken when a
+score is read. Saved as safetensors with the metadata in the safetensors header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import DietpruneError
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class TaskStats:
+    """Sum of |activation| per tap point and hidden dimension, over `count` tokens."""
+
+    abs_sum: torch.Tensor  # [points, d] float64
+    count: int  # non-padding tokens seen
+    samples: int  # calibration samples seen
+
+    def __add__(self, other: "TaskStats") -> "TaskStats":
+        if self.abs_sum.shape != other.abs_sum.shape:
+            raise DietpruneError(f"cannot merge statistics of shapes {self.abs_sum.shape} and {other.abs_sum.shape}")
+        return TaskStats(self.abs_sum + other.abs_sum, self.count + other.count, self.samples + other.samples)
+
+    def scores(self) -> torch.Tensor:
+        """DIET importance: mean |activation| averaged across tap points, then tokens."""
+        if self.count == 0:
+            raise DietpruneError("no tokens were profiled")
+        return (self.abs_sum / self.count).mean(dim=0)
+
+
+@dataclass
+class NormStats:
+    """Second moments of what enters / leaves the residual-path norms, for training-free repair.
+
+    ``in_sq[l, j, :]``: sum over tokens of x**2 at the input of block l's j-th residual norm
+    (``final_in_sq`` for the final norm). ``gram[l, j]``: sum of y yᵀ at the output of the j-th
+    norm that feeds projections (optional, d×d each).
+    """
+
+    in_sq: torch.Tensor  # [L, R, d]
+    final_in_sq: torch.Tensor  # [d]
+    count: int
+    gram: torch.Tensor | None = None  # [L, Rr, d, d]
+    final_gram: torch.Tensor | None = None  # [d, d]
+
+    def __add__(self, other: "NormStats") -> "NormStats":
+        def add(a, b):
+            return None if a is None or b is None else a + b
+
+        return NormStats(self.in_sq + other.in_sq, self.final_in_sq + other.final_in_sq, self.count + other.count,
+                         add(self.gram, other.gram), add(self.final_gram, other.final_gram))
+
+
+@dataclass
+class Profile:
+    """Per-task statistics of one model at one tap point, with provenance."""
+
+    tasks: dict[str, TaskStats]
+    meta: dict = field(default_factory=dict)
+    norms: NormStats | None = None
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {name: st.scores() for name, st in self.tasks.items()}
+
+    def score_matrix(self) -> torch.Tensor:
+        """[tasks, d] in task order."""
+        return torch.stack([st.scores() for st in self.tasks.values()])
+
+    def __add__(self, other: "Profile") -> "Profile":
+        if set(self.tasks) != set(other.tasks):
+            raise DietpruneError("profiles cover different tasks")
+        for key in ("fingerprint", "tap"):
+            if self.meta.get(key) != other.meta.get(key):
+                raise DietpruneError(f"profiles differ in {key}: {self.meta.get(key)} vs {other.meta.get(key)}")
+        norms = None if self.norms is None or other.norms is None else self.norms + other.norms
+        meta = dict(self.meta)
+        meta["samples"] = {t: self.tasks[t].samples + other.tasks[t].samples for t in self.tasks}
+        return Profile({t: self.tasks[t] + other.tasks[t] for t in self.tasks}, meta, norms)
+
+    # ---- persistence -----------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        counts = {}
+        for name, st in self.tasks.items():
+            tensors[f"task/{name}/abs_sum"] = st.abs_sum.contiguous()
+            tensors[f"task/{name}/scores"] = st.scores().contiguous()
+            counts[name] = {"count": st.count, "samples": st.samples}
+        if self.norms is not None:
+            tensors["norms/in_sq"] = self.norms.in_sq.contiguous()
+            tensors["norms/final_in_sq"] = self.norms.final_in_sq.contiguous()
+            counts["__norms__"] = {"count": self.norms.count}
+            if self.norms.gram is not None:
+                tensors["norms/gram"] = self.norms.gram.contiguous()
+                tensors["norms/final_gram"] = self.norms.final_gram.contiguous()
+        header = {"format": "dietprune-profile", "version": FORMAT_VERSION,
+                  "meta": json.dumps(self.meta), "counts": json.dumps(counts), "tasks": json.dumps(list(self.tasks))}
+        path = Path(path)
+        if path.parent and not path.parent.exists():
+            raise DietpruneError(f"cannot write scores: folder {path.parent} does not exist")
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DietpruneError(f"cannot write scores to {path}: {exc.strerror}") from exc
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DietpruneError(f"scores file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = fh.metadata() or {}
+                if header.get("format") != "dietprune-profile":
+                    raise DietpruneError(f"{path} is not a dietprune scores file")
+                counts = json.loads(header["counts"])
+                tasks = {}
+                for name in json.loads(header["tasks"]):
+                    tasks[name] = TaskStats(fh.get_tensor(f"task/{name}/abs_sum"), counts[name]["count"],
+                                            counts[name]["samples"])
+                norms = None
+                keys = set(fh.keys())
+                if "norms/in_sq" in keys:
+                    gram = fh.get_tensor("norms/gram") if "norms/gram" in keys else None
+                    fgram = fh.get_tensor("norms/final_gram") if "norms/final_gram" in keys else None
+                    norms = NormStats(fh.get_tensor("norms/in_sq"), fh.get_tensor("norms/final_in_sq"),
+                                      counts["__norms__"]["count"], gram, fgram)
+        except DietpruneError:
+            raise
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise DietpruneError(f"cannot read scores file {path}: {exc}") from exc
+        return cls(tasks, json.loads(header["meta"]), norms)

@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("DIETPRUNE_PROGRESS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "benchdata"
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    d = os.environ.get("DIETPRUNE_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    if not d:
+        pytest.skip("no benchmark data: set DIETPRUNE_DATA_DIR")
+    return d
