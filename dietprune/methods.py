@@ -77,14 +77,29 @@ class PruneConfig:
 
 @dataclass
 class Selection:
-    """What a method decided: kept hidden dimensions plus anything worth saving beside them."""
+    """What a method decided.
 
-    kept: torch.Tensor
+    Hidden-dimension methods set `kept` (sorted indices); the pipeline repairs and cuts.
+    Methods with another structure (heads, channels, layers) set `apply`, a function that
+    cuts the model in place; then `kept` is None and the hidden-dimension repairs do not apply.
+    """
+
+    kept: torch.Tensor | None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    apply: Callable | None = None
 
 
-# name -> (needs task profile, function(model, config, profile) -> Selection)
+@dataclass
+class MethodContext:
+    """What a method may use besides the model and its config."""
+
+    profile: object = None  # stats.Profile on the task data, when the method needs one
+    tokenizer: object = None
+    data_dir: object = None
+
+
+# name -> (needs task profile, function(model, config, ctx: MethodContext) -> Selection)
 METHODS: dict[str, tuple[bool, Callable]] = {}
 
 
@@ -107,7 +122,8 @@ def target_width(model, config: PruneConfig) -> int:
     return keep_count(model.config.hidden_size, config.sparsity, width_align(model, config))
 
 
-def _merged(model, profile, config: PruneConfig, how: str) -> Selection:
+def _merged(model, ctx: MethodContext, config: PruneConfig, how: str) -> Selection:
+    profile = ctx.profile
     scores = profile.score_matrix()
     result = merge(scores, config.sparsity, how, width_align(model, config))
     tensors = {"votes": result.votes.to(torch.int32), "task_masks": result.task_masks.to(torch.uint8),
@@ -116,23 +132,23 @@ def _merged(model, profile, config: PruneConfig, how: str) -> Selection:
 
 
 @register("diet", needs_profile=True)
-def diet(model, config: PruneConfig, profile) -> Selection:
+def diet(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     """DIET: per-task top-k by mean |activation|, merged by majority vote (or config.merge)."""
-    return _merged(model, profile, config, config.merge)
+    return _merged(model, ctx, config, config.merge)
 
 
 @register("diet-mean", needs_profile=True)
-def diet_mean(model, config: PruneConfig, profile) -> Selection:
-    return _merged(model, profile, config, "mean")
+def diet_mean(model, config: PruneConfig, ctx: MethodContext) -> Selection:
+    return _merged(model, ctx, config, "mean")
 
 
 @register("diet-rank", needs_profile=True)
-def diet_rank(model, config: PruneConfig, profile) -> Selection:
-    return _merged(model, profile, config, "rank")
+def diet_rank(model, config: PruneConfig, ctx: MethodContext) -> Selection:
+    return _merged(model, ctx, config, "rank")
 
 
 @register("random", needs_profile=False)
-def random_dims(model, config: PruneConfig, profile) -> Selection:
+def random_dims(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     d = model.config.hidden_size
     k = target_width(model, config)
     g = torch.Generator().manual_seed(config.seed)
@@ -141,7 +157,7 @@ def random_dims(model, config: PruneConfig, profile) -> Selection:
 
 @register("magnitude", needs_profile=False)
 @torch.no_grad()
-def magnitude(model, config: PruneConfig, profile) -> Selection:
+def magnitude(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     """Hidden dimensions by the L2 norm of every weight slice that touches them."""
     from .adapters import adapter_for, get_module
     from .merge import order_by

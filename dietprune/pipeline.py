@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .adapters import adapter_for, param_count
 from .errors import DietpruneError
-from .methods import METHODS, PruneConfig
+from .methods import METHODS, MethodContext, PruneConfig
 from .models import LoadedModel, load, model_fingerprint
 from .profile import ProfileConfig
 from .profile import profile as run_profile
@@ -142,17 +142,20 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     timings["profile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    selection = method_fn(net, config, prof)
+    selection = method_fn(net, config, MethodContext(profile=prof, tokenizer=lm.tokenizer, data_dir=data_dir))
     kept = selection.kept
     timings["select"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     repair_info = {}
-    if use_rms:
-        repair_info["rms_factors"] = rms_correct_(net, kept, prof.norms, adapter)
-    if use_ls:
-        ls_compensate_(net, kept, prof.norms, config.ridge, adapter)
-    prune_hidden_(net, kept, adapter)
+    if selection.apply is not None:
+        selection.apply(net)
+    else:
+        if use_rms:
+            repair_info["rms_factors"] = rms_correct_(net, kept, prof.norms, adapter)
+        if use_ls:
+            ls_compensate_(net, kept, prof.norms, config.ridge, adapter)
+        prune_hidden_(net, kept, adapter)
     timings["cut"] = time.perf_counter() - t0
 
     summary = {
@@ -168,7 +171,10 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     if out is not None:
         t0 = time.perf_counter()
         meta = _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info)
-        save_checkpoint(net, lm.tokenizer, out, meta, selection.tensors | {"kept": kept.to(torch.int64)},
+        tensors = dict(selection.tensors)
+        if kept is not None:
+            tensors["kept"] = kept.to(torch.int64)
+        save_checkpoint(net, lm.tokenizer, out, meta, tensors,
                         overwrite=overwrite, dtype=dtype)
         timings["save"] = time.perf_counter() - t0
         result.output = out
@@ -186,7 +192,7 @@ def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_in
         "config": config.to_dict(),
         "source_model": lm.spec,
         "source_fingerprint": fingerprint,
-        "kept_indices": kept.tolist(),
+        "kept_indices": None if kept is None else kept.tolist(),
         "summary": {k: v for k, v in summary.items() if k != "seconds"},
         "selection": selection.info,
         "repair": repair_info,
