@@ -1,0 +1,43 @@
+"""The real pretrained presets: prune at 20%, reload with stock transformers, generate, perplexity."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dietprune.data import evaluation_rows
+from dietprune.tasks import get_task
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("preset,hidden", [("smollm2-135m", 576), ("gemma3-270m", 640)])
+def test_prune_real_preset(preset, hidden, tmp_path, data_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dietprune.pipeline import prune
+
+    out = tmp_path / "pruned"
+    res = prune(preset, tasks="boolq,arc_easy", sparsity=0.2, samples=8, output=out, data_dir=data_dir)
+    assert res.summary["hidden_size_before"] == hidden
+    assert res.summary["param_reduction"] > 0.15
+    ids = torch.tensor([[5, 17, 250, 1024, 33, 9]])
+    with torch.no_grad():
+        expected = res.model(input_ids=ids).logits
+    del res
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.hidden_size == json.loads((out / "dietprune.json").read_text())["summary"]["hidden_size_after"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        prompt = tok("The capital of France is", return_tensors="pt")
+        gen = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert gen.shape[1] == prompt["input_ids"].shape[1] + 10 or tok.eos_token_id in gen[0].tolist()
+
+    rows = [r["text"] for r in evaluation_rows(get_task("wikitext2"), limit=40, data_dir_=data_dir) if r["text"].strip()]
+    enc = tok("\n\n".join(rows[:6]), return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        loss = model(input_ids=enc, labels=enc).loss
+    assert math.isfinite(loss.item()) and math.exp(loss.item()) < 1e5
