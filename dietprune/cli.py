@@ -19,6 +19,8 @@ COMMANDS = {
     "prune": "dietprune.cli:add_prune",
     "profile": "dietprune.cli:add_profile",
     "ls": "dietprune.cli:add_ls",
+    "eval": "dietprune.evaluate.cli:add_eval",
+    "compare": "dietprune.evaluate.cli:add_compare",
 }
 
 

@@ -26,8 +26,8 @@ def encode(tokenizer, text: str, add_bos: bool) -> list[int]:
 def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) split the way lm-evaluation-harness splits them.
 
-    Trailing spaces of the context move to the continuation; the whole string is encoded once
-    and the continuation is what follows the context's tokens.
+    Trailing spaces of the context move to the continuation; the context is encoded on its own
+    and the continuation is what follows as many tokens in the encoding of the whole string.
     """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
@@ -35,7 +35,7 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tu
         context = context[:-n_spaces]
     whole = encode(tokenizer, context + continuation, add_bos)
     ctx = encode(tokenizer, context, add_bos)
-    return whole[: len(ctx)], whole[len(ctx) :]
+    return ctx, whole[len(ctx) :]
 
 
 def calibration_ids(tokenizer, examples: list[Example], add_bos: bool, max_length: int) -> list[list[int]]:

@@ -1,0 +1,67 @@
+"""`dietprune eval` and `dietprune compare` subcommands (registered in dietprune.cli.COMMANDS)."""
+
+from __future__ import annotations
+
+EVAL_TASKS = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="zero-shot accuracy and perplexity, as lm-evaluation-harness defines them")
+    p.add_argument("model", help="preset, .gguf file, local folder (e.g. a pruned output) or hub id")
+    p.add_argument("--tasks", default=EVAL_TASKS,
+                   help=f"comma-separated tasks, e.g. {EVAL_TASKS},piqa,wikitext2 (default: the seven DIET tasks)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N examples per task (wikitext2: N articles and N*2048 tokens)")
+    p.add_argument("--data-dir", default=None, help="local task data (else $DIETPRUNE_DATA_DIR, else the hub)")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also store per-example log-likelihoods and predictions in the JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    def run(args) -> int:
+        import json
+
+        from ..errors import DietpruneError
+        from .results import format_table, save_results
+        from .runner import evaluate_spec
+
+        if args.output:  # fail before the long run, not after
+            from pathlib import Path
+
+            parent = Path(args.output).expanduser().absolute().parent
+            if not parent.is_dir():
+                raise DietpruneError(f"cannot write results: folder {parent} does not exist")
+        res = evaluate_spec(args.model, args.tasks, limit=args.limit, data_dir=args.data_dir,
+                            batch_size=args.batch_size, log_samples=args.log_samples)
+        if args.output:
+            save_results(res, args.output)
+        if args.json:
+            print(json.dumps({"tasks": res["tasks"], "meta": res["meta"]}, indent=2))
+        else:
+            print(format_table(res))
+            secs = res["meta"]["seconds"]
+            print(f"\nmodel {args.model} ({res['meta']['fingerprint']}), limit {args.limit}, "
+                  f"{sum(secs.values()):.1f}s" + (f" -> {args.output}" if args.output else ""))
+        return 0
+
+    return run
+
+
+def add_compare(sub):
+    p = sub.add_parser("compare", help="table (and bar plot) of several `dietprune eval` results files")
+    p.add_argument("results", nargs="+", help="results JSON files; deltas are against the first")
+    p.add_argument("--plot", default=None, help="write a bar plot PNG here")
+    p.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"],
+                   help="acc_norm (default: where a task reports it, else acc) or acc everywhere")
+
+    def run(args) -> int:
+        from .compare import build_comparison, format_comparison, plot_comparison
+
+        cmp = build_comparison(args.results, metric=args.metric)
+        print(format_comparison(cmp))
+        if args.plot:
+            print(f"plot -> {plot_comparison(cmp, args.plot)}")
+        return 0
+
+    return run

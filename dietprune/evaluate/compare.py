@@ -1,0 +1,133 @@
+"""Compare results files: one table (tasks as columns) and an optional bar plot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import DietpruneError
+from .results import load_results
+
+PPL_KEY = "word_perplexity"
+
+
+def _label(path, data: dict) -> str:
+    model = str(data.get("meta", {}).get("model") or "")
+    stem = Path(path).stem
+    return stem if not model or Path(model).name in stem else f"{stem} ({Path(model).name})"
+
+
+def _value(metrics: dict, metric: str):
+    if metric == "acc_norm" and metrics.get("acc_norm") is not None:
+        return "acc_norm", metrics["acc_norm"]
+    if metrics.get("acc") is not None:
+        return "acc", metrics["acc"]
+    return None, None
+
+
+def build_comparison(paths: list, metric: str = "acc_norm") -> dict:
+    """Rows of {label, values: {task: value}, average, ppl} plus the task columns and metric names."""
+    if metric not in ("acc", "acc_norm"):
+        raise DietpruneError(f"metric must be acc or acc_norm, got {metric}")
+    if not paths:
+        raise DietpruneError("give at least one results file")
+    files = [(p, load_results(p)) for p in paths]
+    columns: list[str] = []
+    used: dict[str, str] = {}
+    has_ppl = False
+    for _, data in files:
+        for task, m in data["tasks"].items():
+            key, val = _value(m, metric)
+            if val is not None and task not in columns:
+                columns.append(task)
+                used[task] = key
+            has_ppl = has_ppl or m.get(PPL_KEY) is not None
+    rows = []
+    for p, data in files:
+        values = {t: _value(data["tasks"][t], metric)[1] for t in columns if t in data["tasks"]}
+        complete = len(values) == len(columns) and columns
+        ppl = data["tasks"].get("wikitext2", {}).get(PPL_KEY)
+        rows.append({"label": _label(p, data), "values": values,
+                     "average": sum(values.values()) / len(values) if complete else None,
+                     "ppl": ppl, "limit": data.get("meta", {}).get("limit")})
+    return {"columns": columns, "metrics": used, "rows": rows, "has_ppl": has_ppl}
+
+
+def format_comparison(cmp: dict) -> str:
+    cols = cmp["columns"]
+    head = ["model"] + [f"{t}{'*' if cmp['metrics'][t] == 'acc_norm' else ''}" for t in cols] + ["average"]
+    if cmp["has_ppl"]:
+        head.append("wikitext2 ppl")
+    base = cmp["rows"][0]
+    table = []
+    for i, row in enumerate(cmp["rows"]):
+        cells = [row["label"]]
+        for t in cols + ["average"]:
+            v = row["average"] if t == "average" else row["values"].get(t)
+            b = base["average"] if t == "average" else base["values"].get(t)
+            if v is None:
+                cells.append("-")
+            elif i == 0 or b is None:
+                cells.append(f"{100 * v:.1f}")
+            else:
+                cells.append(f"{100 * v:.1f} ({100 * (v - b):+.1f})")
+        if cmp["has_ppl"]:
+            v, b = row["ppl"], base["ppl"]
+            cells.append("-" if v is None else f"{v:.2f}" if i == 0 or b is None else f"{v:.2f} ({v - b:+.2f})")
+        table.append(cells)
+    widths = [max(len(r[j]) for r in [head] + table) for j in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in table]
+    notes = ["accuracy in %, deltas against the first file"]
+    if any(m == "acc_norm" for m in cmp["metrics"].values()):
+        notes.append("* = acc_norm (length-normalised), others acc")
+    if cmp["has_ppl"]:
+        notes.append("wikitext2 ppl = word perplexity (lower is better), not in the average")
+    limits = {r["limit"] for r in cmp["rows"]}
+    if len(limits) > 1:
+        notes.append(f"WARNING: the files used different --limit values {sorted(limits, key=str)}")
+    if any(r["average"] is None for r in cmp["rows"]):
+        notes.append("average left out where a file lacks a task")
+    return "\n".join(lines + [""] + notes)
+
+
+def plot_comparison(cmp: dict, path: str | os.PathLike) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(path).expanduser()
+    if not out.parent.is_dir():
+        raise DietpruneError(f"cannot write plot: folder {out.parent} does not exist")
+    cols = cmp["columns"] + ["average"]
+    rows = cmp["rows"]
+    with_ppl = cmp["has_ppl"] and any(r["ppl"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_ppl else 1, figsize=(max(7.0, 1.2 * len(cols) + 2.5) + (3 if with_ppl else 0),
+                             4.6), gridspec_kw={"width_ratios": [len(cols), 2]} if with_ppl else None, squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        vals = [row["average"] if c == "average" else row["values"].get(c) for c in cols]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
+        ax.bar([x for x, v in zip(xs, vals) if v is not None], [100 * v for v in vals if v is not None],
+               width=width, label=row["label"])
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c + ("*" if cmp["metrics"].get(c) == "acc_norm" else "") for c in cols], rotation=30,
+                       ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("zero-shot accuracy (* = acc_norm)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if with_ppl:
+        ax2 = axes[0][1]
+        ax2.bar(range(len(rows)), [r["ppl"] or 0 for r in rows], color=[f"C{i}" for i in range(len(rows))])
+        ax2.set_xticks(range(len(rows)))
+        ax2.set_xticklabels([str(i + 1) for i in range(len(rows))])
+        ax2.set_xlabel("file (legend order)")
+        ax2.set_title("wikitext2 word ppl (lower is better)")
+        ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

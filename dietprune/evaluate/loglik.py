@@ -1,0 +1,200 @@
+"""Log-likelihood engine: score continuation tokens without full-vocabulary logits everywhere.
+
+A request is one context (token ids) with one or more continuations. The decoder body runs
+once over the contexts of a batch (left-padded, explicit position ids), its KV cache is copied
+once per continuation, and a second pass reads the continuations. Only the hidden states that
+predict a continuation token go through ``lm_head`` (plus Gemma-2's final logit soft-capping)
+and a log-softmax over the vocabulary. The numbers are those of a plain
+``log_softmax(model(ctx + cont).logits)`` read at the same positions, which is what
+lm-evaluation-harness computes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DietpruneError
+from ..progress import progress
+
+#: Hidden vectors sent through lm_head at once (bounds memory with Gemma's 262k vocabulary).
+HEAD_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Request:
+    """``context`` ids (never empty) followed by each of ``continuations`` (never empty)."""
+
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Score:
+    loglik: float
+    greedy: bool  # every continuation token is the argmax of its distribution
+    n_tokens: int
+
+
+def decoder_parts(model):
+    """(decoder body, lm_head, soft-cap or None) of a causal LM."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None:
+        body = getattr(model, "model", None)
+    head = model.get_output_embeddings()
+    if body is None or head is None:
+        raise DietpruneError(f"{type(model).__name__}: cannot find the decoder body and lm_head to score tokens")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return body, head, cap
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and whether each is the argmax, from final hidden states.
+
+    ``hidden``: (N, d) after the final norm; ``targets``: (N,). Works in chunks of HEAD_CHUNK rows.
+    """
+    _, head, cap = decoder_parts(model)
+    lps, greedy = [], []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[start : start + HEAD_CHUNK]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logp = torch.log_softmax(logits, dim=-1)
+        tgt = targets[start : start + HEAD_CHUNK].to(logp.device)
+        lps.append(logp.gather(1, tgt[:, None])[:, 0])
+        greedy.append(logp.argmax(-1) == tgt)
+    if not lps:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(lps).cpu(), torch.cat(greedy).cpu()
+
+
+def _cache_arg(body) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _pad_left(seqs, pad_id):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def _pad_right(seqs, pad_id):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score]]:
+    body, _, _ = decoder_parts(model)
+    dev = _device(model)
+    ctx_ids, ctx_mask = _pad_left([list(r.context) for r in requests], pad_id)
+    ctx_len = ctx_mask.sum(1)
+    pos = (ctx_mask.cumsum(1) - 1).clamp(min=0)
+    out = body(input_ids=ctx_ids.to(dev), attention_mask=ctx_mask.to(dev), position_ids=pos.to(dev),
+               use_cache=True)
+    last = out.last_hidden_state[:, -1]  # predicts the first token of every continuation
+
+    # one row per (request, continuation); the cache is copied to match
+    owner = [i for i, r in enumerate(requests) for _ in r.continuations]
+    conts = [list(c) for r in requests for c in r.continuations]
+    hidden = [last[owner]]
+    targets = [torch.tensor([c[0] for c in conts], dtype=torch.long)]
+    rest = [c[:-1] for c in conts]  # inputs of the second pass: every token but the last
+    if max(len(s) for s in rest) > 0:
+        cache = out.get("cache", None) or out.get("past_key_values", None)
+        cache.reorder_cache(torch.tensor(owner, device=dev))
+        ids, mask = _pad_right(rest, pad_id)
+        full_mask = torch.cat([ctx_mask[owner], mask], dim=1)
+        cpos = ctx_len[owner][:, None] + torch.arange(ids.shape[1])[None, :]
+        out2 = body(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=cpos.to(dev),
+                    use_cache=True, **{_cache_arg(body): cache})
+        sel = mask.bool()
+        hidden.append(out2.last_hidden_state[sel.to(dev)])
+        targets.append(torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long))
+    del out
+    lp, gr = head_logprobs(model, torch.cat(hidden), torch.cat(targets))
+
+    # regroup: the first-token block holds one entry per row, the second block the rest in row order
+    n_rows = len(conts)
+    first_lp, first_gr = lp[:n_rows], gr[:n_rows]
+    results: list[list[Score]] = [[] for _ in requests]
+    offset = n_rows
+    for row, c in enumerate(conts):
+        k = len(c) - 1
+        total = first_lp[row] + lp[offset : offset + k].sum()
+        greedy = bool(first_gr[row]) and bool(gr[offset : offset + k].all())
+        offset += k
+        results[owner[row]].append(Score(float(total), greedy, len(c)))
+    return results
+
+
+def score_requests(model, requests: list[Request], batch_size: int = 16, pad_id: int = 0,
+                   desc: str = "", show: bool = True, max_length: int | None = None) -> list[list[Score]]:
+    """Scores of every continuation of every request, in input order.
+
+    Requests are batched by total length (longest first, so an out-of-memory error shows at
+    once); a batch holds at most ``batch_size`` requests and about ``batch_size * 512`` tokens.
+    Contexts longer than ``max_length`` minus the longest continuation are left-truncated, as
+    the harness does.
+    """
+    if batch_size < 1:
+        raise DietpruneError(f"batch size must be at least 1, got {batch_size}")
+    fixed = []
+    for r in requests:
+        if not r.context or not r.continuations or any(not c for c in r.continuations):
+            raise DietpruneError("internal: a scoring request needs a context and non-empty continuations")
+        if max_length:
+            keep = max_length + 1 - max(len(c) for c in r.continuations)
+            if keep < 1:
+                raise DietpruneError(f"a continuation is longer than the model's {max_length}-token window")
+            if len(r.context) > keep:
+                r = Request(r.context[-keep:], r.continuations)
+        fixed.append(r)
+    size = [len(r.context) + max(len(c) for c in r.continuations) for r in fixed]
+    order = sorted(range(len(fixed)), key=lambda i: (-size[i], fixed[i].context))
+    batches, cur, cur_tokens = [], [], 0
+    budget = batch_size * 512
+    for i in order:
+        cost = size[i] * len(fixed[i].continuations)
+        if cur and (len(cur) >= batch_size or cur_tokens + cost > budget):
+            batches.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(i)
+        cur_tokens += cost
+    if cur:
+        batches.append(cur)
+    out: list[list[Score] | None] = [None] * len(fixed)
+    bar = progress(batches, total=len(batches), desc=desc) if show else batches
+    for idx in bar:
+        for i, scores in zip(idx, _score_batch(model, [fixed[i] for i in idx], pad_id)):
+            out[i] = scores
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def full_logprobs_reference(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """The harness's way, for tests: full logits over ctx+cont, log-softmax everywhere."""
+    ids = torch.tensor([context + continuation[:-1]], device=_device(model))
+    logits = model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits, -1)[-len(continuation) :]
+    tgt = torch.tensor(continuation, device=logp.device)
+    return float(logp.gather(1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all())
