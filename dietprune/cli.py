@@ -21,6 +21,7 @@ COMMANDS = {
     "ls": "dietprune.cli:add_ls",
     "eval": "dietprune.evaluate.cli:add_eval",
     "compare": "dietprune.evaluate.cli:add_compare",
+    "sparsify": "dietprune.sparsify.cli:add_sparsify",
 }
 
 
