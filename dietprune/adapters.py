@@ -49,6 +49,19 @@ class ModelAdapter:
     o_proj: str = "self_attn.o_proj"
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out: str = "mlp.down_proj"
+    # Config keys the structured baselines rewrite (heads, KV heads, MLP width, depth).
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
+    intermediate_key: str = "intermediate_size"
+    layers_key: str = "num_hidden_layers"
+    # Per-layer list in the config (attention type of each layer) kept in step when layers go.
+    layer_types_key: str | None = "layer_types"
+    # The stock config rejects hidden_size % num_attention_heads != 0 (Llama, Gemma).
+    heads_divide_hidden: bool = False
+    # Config switch that gives q/k/v/o (resp. gate/up/down) a bias; None where the
+    # architecture has no such option (Mistral, Qwen2's o_proj, every non-Llama MLP).
+    attention_bias_key: str | None = None
+    mlp_bias_key: str | None = None
     extra: dict = field(default_factory=dict)
 
     # ---- module access -------------------------------------------------------------
@@ -142,12 +155,15 @@ _GEMMA_SANDWICH = dict(
 )
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
-    ModelAdapter(family="gemma3", model_types=("gemma3_text",), **_GEMMA_SANDWICH),
-    ModelAdapter(family="gemma2", model_types=("gemma2",), **_GEMMA_SANDWICH),
-    ModelAdapter(family="llama", model_types=("llama",), **_LLAMA_LIKE),
-    ModelAdapter(family="mistral", model_types=("mistral",), **_LLAMA_LIKE),
+    ModelAdapter(family="gemma3", model_types=("gemma3_text",), **_GEMMA_SANDWICH, heads_divide_hidden=True,
+                 attention_bias_key="attention_bias"),
+    ModelAdapter(family="gemma2", model_types=("gemma2",), **_GEMMA_SANDWICH, heads_divide_hidden=True,
+                 attention_bias_key="attention_bias"),
+    ModelAdapter(family="llama", model_types=("llama",), **_LLAMA_LIKE, heads_divide_hidden=True,
+                 attention_bias_key="attention_bias", mlp_bias_key="mlp_bias"),
+    ModelAdapter(family="mistral", model_types=("mistral",), **_LLAMA_LIKE, layer_types_key=None),
     ModelAdapter(family="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
-    ModelAdapter(family="qwen3", model_types=("qwen3",), **_LLAMA_LIKE),
+    ModelAdapter(family="qwen3", model_types=("qwen3",), **_LLAMA_LIKE, attention_bias_key="attention_bias"),
 )
 
 

@@ -88,6 +88,8 @@ class Selection:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     apply: Callable | None = None
+    # Statistics the repairs use instead of the task profile (a method calibrated on other data).
+    repair_profile: object = None
 
 
 @dataclass
@@ -101,11 +103,15 @@ class MethodContext:
 
 # name -> (needs task profile, function(model, config, ctx: MethodContext) -> Selection)
 METHODS: dict[str, tuple[bool, Callable]] = {}
+# Methods that run their own calibration: the pipeline profiles nothing for their repairs.
+SELF_CALIBRATED: set[str] = set()
 
 
-def register(name: str, needs_profile: bool):
+def register(name: str, needs_profile: bool, self_calibrated: bool = False):
     def deco(fn):
         METHODS[name] = (needs_profile, fn)
+        if self_calibrated:
+            SELF_CALIBRATED.add(name)
         return fn
 
     return deco
@@ -175,3 +181,7 @@ def magnitude(model, config: PruneConfig, ctx: MethodContext) -> Selection:
             sq += get_module(block, name).weight.double().pow(2).sum(1)
     kept = torch.sort(order_by(sq.sqrt())[:target_width(model, config)]).values
     return Selection(kept, {"weight_norm": sq.sqrt().float()})
+
+
+# The structured baselines register themselves in the same table (agnostic, wanda-sp, flap, shortgpt).
+from .baselines import methods as _baselines  # noqa: E402,F401

@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .adapters import adapter_for, param_count
 from .errors import DietpruneError
-from .methods import METHODS, MethodContext, PruneConfig
+from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
 from .models import LoadedModel, load, model_fingerprint
 from .profile import ProfileConfig
 from .profile import profile as run_profile
@@ -133,7 +133,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
             raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
         if use_rms and prof.norms is None:
             raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
-    elif needs_profile or use_rms or use_ls:
+    elif needs_profile or ((use_rms or use_ls) and config.method not in SELF_CALIBRATED):
         cal_tasks = task_list if needs_profile else parse_tasks(config.tasks)
         pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
                              max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
@@ -151,10 +151,11 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     if selection.apply is not None:
         selection.apply(net)
     else:
+        repair_prof = selection.repair_profile if selection.repair_profile is not None else prof
         if use_rms:
-            repair_info["rms_factors"] = rms_correct_(net, kept, prof.norms, adapter)
+            repair_info["rms_factors"] = rms_correct_(net, kept, repair_prof.norms, adapter)
         if use_ls:
-            ls_compensate_(net, kept, prof.norms, config.ridge, adapter)
+            ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter)
         prune_hidden_(net, kept, adapter)
     timings["cut"] = time.perf_counter() - t0
 
