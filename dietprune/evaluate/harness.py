@@ -118,5 +118,5 @@ def run_harness(lm, tasks: list[str], data_dir, limit: int | None, workdir) -> d
         greedy = [[bool(r[1]) for r in s["filtered_resps"]] for s in samples]
         metrics = {k.split(",")[0]: v for k, v in res["results"][hname].items() if k.endswith(",none")}
         out[name] = {"metrics": metrics, "loglik": lls, "greedy": greedy, "seconds": seconds,
-                     "target": [s["target"] for s in samples]}
+                     "acc": [s.get("acc") for s in samples], "acc_norm": [s.get("acc_norm") for s in samples]}
     return out

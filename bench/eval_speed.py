@@ -1,0 +1,136 @@
+"""Speed and agreement of dietprune's evaluator against lm-evaluation-harness on the same examples.
+
+For each model and task, the first ``--limit`` local evaluation rows go through
+``dietprune.evaluate.evaluate`` and through lm-eval 0.4.13 (``HFLM`` around the same in-memory
+model, the harness's own task YAMLs pointed at the local JSONL files), one after the other, so
+both see the same machine load. Prints per-task seconds, the speed ratio (harness time / dietprune
+time), the share of identical predictions (acc and acc_norm argmax) and the largest
+log-likelihood difference; writes everything as JSON.
+
+    python bench/eval_speed.py                       # default: both presets, 7 tasks, limit 10
+    python bench/eval_speed.py --models smollm2-135m --limit 50 --tasks boolq,hellaswag
+
+Model loading is not timed. Both sides use the same batch size and a 2048-token window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIETPRUNE_PROGRESS", "0")
+
+DEFAULT_TASKS = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+DEFAULT_LIMIT = 10  # keeps the default run (2 models x 7 tasks x 2 evaluators) within ~15 minutes on 2 shared CPU cores
+
+
+def _argmax(xs):
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+
+def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int, workdir: Path) -> dict:
+    import torch
+
+    from dietprune.evaluate import evaluate
+    from dietprune.evaluate.harness import harness_lm, run_harness
+    from dietprune.models import load
+
+    t0 = time.perf_counter()
+    lm = load(spec)
+    load_s = time.perf_counter() - t0
+    hlm = harness_lm(lm.model, lm.tokenizer, batch_size=batch_size, max_length=2048)
+    per_task = {}
+    for task in tasks:
+        t0 = time.perf_counter()
+        ours = evaluate(lm.model, lm.tokenizer, [task], limit=limit, data_dir=data_dir, batch_size=batch_size,
+                        progress=False, log_samples=True)
+        ours_s = time.perf_counter() - t0
+        theirs = run_harness(hlm, [task], data_dir, limit, workdir / spec / task)[task]
+        recs = ours["samples"][task]
+        same = sum(r["pred"] == _argmax(lls) for r, lls in zip(recs, theirs["loglik"]))
+        norm_pairs = [(r["pred_norm"] == r["gold"], h) for r, h in zip(recs, theirs["acc_norm"]) if h is not None]
+        diff = max(abs(a - b) for r, lls in zip(recs, theirs["loglik"]) for a, b in zip(r["loglik"], lls))
+        per_task[task] = {
+            "n": len(recs),
+            "dietprune_seconds": round(ours_s, 2),
+            "harness_seconds": round(theirs["seconds"], 2),
+            "speedup": round(theirs["seconds"] / ours_s, 2),
+            "identical_predictions": same / len(recs),
+            "identical_acc_norm_outcomes": (sum(float(a) == b for a, b in norm_pairs) / len(norm_pairs)
+                                            if norm_pairs else None),
+            "max_abs_loglik_diff": diff,
+            "dietprune": {k: v for k, v in ours["tasks"][task].items() if k in ("acc", "acc_norm")},
+            "harness": {k: v for k, v in theirs["metrics"].items() if k in ("acc", "acc_norm")},
+        }
+        print(f"  {task:<14} dietprune {ours_s:7.1f}s  harness {theirs['seconds']:7.1f}s  "
+              f"x{theirs['seconds'] / ours_s:5.2f}  same predictions {same}/{len(recs)}  "
+              f"max |dlogL| {diff:.1e}", flush=True)
+    ours_total = sum(t["dietprune_seconds"] for t in per_task.values())
+    theirs_total = sum(t["harness_seconds"] for t in per_task.values())
+    n = sum(t["n"] for t in per_task.values())
+    same_total = sum(t["identical_predictions"] * t["n"] for t in per_task.values())
+    summary = {
+        "model": spec, "fingerprint": ours["meta"]["fingerprint"], "load_seconds": round(load_s, 1),
+        "examples": n, "dietprune_seconds": round(ours_total, 1), "harness_seconds": round(theirs_total, 1),
+        "speedup": round(theirs_total / ours_total, 2), "identical_predictions": same_total / n,
+        "max_abs_loglik_diff": max(t["max_abs_loglik_diff"] for t in per_task.values()),
+        "torch_threads": torch.get_num_threads(), "tasks": per_task,
+    }
+    print(f"  => {spec}: dietprune {ours_total:.1f}s, harness {theirs_total:.1f}s, speed ratio x{summary['speedup']}, "
+          f"identical predictions {100 * summary['identical_predictions']:.1f}% of {n}", flush=True)
+    del lm, hlm
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="gemma3-270m,smollm2-135m")
+    p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"examples per task (default {DEFAULT_LIMIT})")
+    p.add_argument("--batch-size", type=int, default=8, help="both evaluators (default 8: the harness's full-vocabulary "
+                   "logits of Gemma take batch x length x 262144 floats)")
+    p.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
+    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "eval_speed.json"))
+    args = p.parse_args(argv)
+    if not args.data_dir:
+        p.error("pass --data-dir or set DIETPRUNE_DATA_DIR (the benchmark reads local task data)")
+    import lm_eval
+    import torch
+    import transformers
+
+    import dietprune
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    print(f"eval speed: {args.limit} examples per task, tasks {','.join(tasks)}, batch size {args.batch_size}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    results = {"limit": args.limit, "batch_size": args.batch_size, "tasks": tasks, "models": {},
+               "versions": {"dietprune": dietprune.__version__, "lm_eval": lm_eval.__version__,
+                            "torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version()},
+               "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+               "note": "wall-clock on a shared machine; both evaluators run back to back per task"}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dietprune-evalspeed-") as work:
+        for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
+            print(f"{spec}:", flush=True)
+            results["models"][spec] = run_model(spec, tasks, args.limit, args.data_dir, args.batch_size, Path(work))
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    results["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"total {results['total_seconds']:.0f}s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
