@@ -91,6 +91,18 @@ def test_wanda_group_with_zero_weights_scores_lowest():
     assert 2 not in S.keep_top(scores, 3).tolist()
 
 
+def test_wanda_group_scores_sum_the_groups_weights():
+    g, hd, d = 3, 2, 5
+    q, k, v, o = torch.randn(g * 2 * hd, d), torch.randn(g * hd, d), torch.randn(g * hd, d), torch.randn(d, g * 2 * hd)
+    x, z = torch.rand(d), torch.rand(g * 2 * hd)
+    scores = S.wanda_group_scores(q, k, v, o, x, z, g)
+    for j in range(g):
+        qr, kr = slice(j * 2 * hd, (j + 1) * 2 * hd), slice(j * hd, (j + 1) * hd)
+        expected = (S.wanda(q, x)[qr].sum() + S.wanda(k, x)[kr].sum() + S.wanda(v, x)[kr].sum()
+                    + S.wanda(o, z)[:, qr].sum())
+        assert float(scores[j]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_wanda_channel_score_scales_with_input_norm():
     up, down = torch.ones(3, 4), torch.ones(4, 3)
     base = S.wanda_channel_scores([up], down, torch.ones(4), torch.ones(3))

@@ -14,33 +14,35 @@ import torch
 
 
 def wanda(weight: torch.Tensor, in_norm: torch.Tensor) -> torch.Tensor:
-    """|W_ij| · ‖X_j‖ for every weight: [out, in]."""
+    """|W_ij| · ‖X_j‖ for every weight: [out, in] (reference form; the reductions below avoid it)."""
     return weight.double().abs() * in_norm.double()[None, :]
 
 
-def rows_by_group(scores: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Sum an [out, in] score matrix over row blocks: [n_groups] (rows split evenly, in order)."""
-    return scores.reshape(n_groups, -1).sum(1)
+def wanda_rows(weight: torch.Tensor, in_norm: torch.Tensor) -> torch.Tensor:
+    """Σ_j |W_ij|·‖X_j‖ for every output row i: [out]."""
+    return (weight.abs().float() @ in_norm.float()).double()
 
 
-def cols_by_group(scores: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Sum an [out, in] score matrix over column blocks: [n_groups]."""
-    return scores.sum(0).reshape(n_groups, -1).sum(1)
+def wanda_cols(weight: torch.Tensor, in_norm: torch.Tensor) -> torch.Tensor:
+    """Σ_i |W_ij|·‖X_j‖ for every input column j: [in]."""
+    return weight.abs().sum(0, dtype=torch.float64) * in_norm.double()
 
 
 def wanda_group_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        attn_in_norm: torch.Tensor, o_in_norm: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Wanda-SP score of each KV group: |W|·‖X‖ summed over the group's q/k/v rows and o_proj columns."""
-    return (rows_by_group(wanda(q, attn_in_norm), n_groups) + rows_by_group(wanda(k, attn_in_norm), n_groups)
-            + rows_by_group(wanda(v, attn_in_norm), n_groups) + cols_by_group(wanda(o, o_in_norm), n_groups))
+    total = group_sums(wanda_cols(o, o_in_norm), n_groups)
+    for w in (q, k, v):
+        total = total + group_sums(wanda_rows(w, attn_in_norm), n_groups)
+    return total
 
 
 def wanda_channel_scores(mlp_in: list[torch.Tensor], down: torch.Tensor, mlp_in_norm: torch.Tensor,
                          down_in_norm: torch.Tensor) -> torch.Tensor:
     """Wanda-SP score of each MLP channel: its gate/up rows and its down_proj column."""
-    total = wanda(down, down_in_norm).sum(0)
+    total = wanda_cols(down, down_in_norm)
     for w in mlp_in:
-        total = total + wanda(w, mlp_in_norm).sum(1)
+        total = total + wanda_rows(w, mlp_in_norm)
     return total
 
 
@@ -58,7 +60,7 @@ def variance_from_sums(s: torch.Tensor, sq: torch.Tensor, count: int) -> torch.T
 
 def fluctuation(variance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """FLAP's metric per input feature of a linear layer: Var(x_j) · ‖W[:, j]‖²."""
-    return variance.double() * weight.double().pow(2).sum(0)
+    return variance.double() * weight.float().pow(2).sum(0, dtype=torch.float64)
 
 
 def group_sums(per_feature: torch.Tensor, n_groups: int) -> torch.Tensor:
