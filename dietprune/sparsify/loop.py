@@ -89,10 +89,19 @@ class _Stop(Exception):
     pass
 
 
+def _skip(*args, **kwargs):
+    """Stand-in forward of a decoder block during capture: pass the hidden states through."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @torch.no_grad()
 def capture(model: nn.Module, adapter: ModelAdapter, sequences: list[list[int]], batch_size: int,
             pad_id: int) -> list[Batch]:
-    """Block-0 inputs and every block's call arguments, without running any decoder block."""
+    """Block-0 inputs and every block's call arguments, without computing any decoder block.
+
+    Each block's forward is replaced by a pass-through for the duration of the capture (its
+    pre-hook still sees the arguments the model builds for it: masks, rotary embeddings).
+    """
     blocks = adapter.blocks(model)
     device = next(model.parameters()).device
     out: list[Batch] = []
@@ -112,17 +121,21 @@ def capture(model: nn.Module, adapter: ModelAdapter, sequences: list[list[int]],
         return fn
 
     handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = _skip
     try:
         for ids, attn in batches(sequences, batch_size, pad_id):
             ids, attn = ids.to(device), attn.to(device)
             try:
-                model(input_ids=ids, attention_mask=attn, use_cache=False)
+                model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
             except _Stop:
                 pass
             out.append(Batch(first.pop("hidden"), attn.bool(), list(calls)))
     finally:
         for h in handles:
             h.remove()
+        for b in blocks:
+            del b.forward
     return out
 
 
