@@ -95,6 +95,32 @@ class ModelAdapter:
         """Stock transformers configs (Llama, Gemma) require hidden_size % num_attention_heads == 0."""
         return int(config.num_attention_heads)
 
+    def locate(self, name: str) -> tuple[str, int | None, str]:
+        """Where a state-dict tensor sits: (role, block index or None, path inside its block).
+
+        role is 'embed', 'final_norm', 'lm_head', 'reader', 'writer', 'norm' (a residual norm)
+        or 'other' (untouched by the hidden dimension, e.g. q_norm, rotary buffers).
+        """
+        module, _, leaf = name.rpartition(".")
+        if module == self.embed:
+            return "embed", None, leaf
+        if module == self.final_norm:
+            return "final_norm", None, leaf
+        if module == self.lm_head:
+            return "lm_head", None, leaf
+        prefix = self.layers + "."
+        if module.startswith(prefix):
+            index, _, inner = module[len(prefix):].partition(".")
+            if index.isdigit():
+                if inner in self.readers and leaf == "weight":
+                    return "reader", int(index), inner
+                if inner in self.writers:
+                    return "writer", int(index), inner
+                if inner in self.residual_norms:
+                    return "norm", int(index), inner
+                return "other", int(index), inner
+        return "other", None, module
+
     def check(self, model: nn.Module) -> None:
         """Every declared module must exist with the expected hidden width."""
         d = model.config.hidden_size

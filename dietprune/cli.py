@@ -37,6 +37,13 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="calibration tokens per sample at most")
     p.add_argument("--skip-bos", action="store_true", help="leave the BOS token out of the statistics")
+    p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream one decoder block at a time from a safetensors folder (default: only when the "
+                        "model would not fit in the available RAM)")
+    p.add_argument("--offload", default="auto", choices=["auto", "memory", "disk"],
+                   help="with --low-memory: keep the activations between blocks in memory or in a scratch file")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="spread a model larger than one GPU over all GPUs (accelerate big-model loading)")
 
 
 def _diet_tasks():
@@ -54,11 +61,12 @@ def add_prune(sub):
     p.add_argument("--scores", default=None, help="reuse a scores file written by `dietprune profile`")
     p.add_argument("--merge", default="vote", choices=["vote", "mean", "rank"])
     p.add_argument("--align", type=int, default=1, help="keep a multiple of this many dimensions (e.g. 8, 64)")
-    p.add_argument("--repair", default="rms", choices=["none", "rms", "ls", "rms+ls"],
-                   help="training-free repair after the cut (default rms)")
+    p.add_argument("--repair", default=None, choices=["none", "rms", "ls", "rms+ls", "refit", "rms+refit"],
+                   help="training-free repair after the cut (default: see docs/method.md)")
     p.add_argument("--ridge", type=float, default=1e-2, help="ridge of the least-squares repair")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="saved dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--max-shard-size", default="2GB", help="largest output shard with --low-memory (e.g. 500MB)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     def run(args) -> int:
@@ -67,10 +75,15 @@ def add_prune(sub):
         res = prune(args.model, tasks=args.tasks, sparsity=args.sparsity, output=args.output,
                     scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite, dtype=args.dtype,
                     method=args.method, samples=args.samples, seed=args.seed, merge=args.merge,
-                    align=args.align, repair=args.repair, ridge=args.ridge, skip_bos=args.skip_bos,
+                    align=args.align, ridge=args.ridge, skip_bos=args.skip_bos,
+                    low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
+                    max_shard_size=args.max_shard_size,
                     batch_size=args.batch_size, max_length=args.max_length,
-                    **({"tap": args.tap} if args.tap else {}))
-        print(json.dumps(res.summary, indent=2) if args.json else format_summary(res.summary, res.output))
+                    **({"tap": args.tap} if args.tap else {}), **({"repair": args.repair} if args.repair else {}))
+        from .distributed import is_main
+
+        if is_main():
+            print(json.dumps(res.summary, indent=2) if args.json else format_summary(res.summary, res.output))
         return 0
 
     return run
@@ -104,8 +117,15 @@ def add_profile(sub):
 
         prof = profile(args.model, args.tasks, samples=args.samples, seed=args.seed, tap=args.tap,
                        data_dir=args.data_dir, output=args.output, batch_size=args.batch_size,
-                       max_length=args.max_length, skip_bos=args.skip_bos, gram=args.gram)
+                       max_length=args.max_length, skip_bos=args.skip_bos, gram=args.gram,
+                       low_memory=args.low_memory, offload=args.offload, device_map=args.device_map)
         tokens = prof.meta["tokens"]
+        from .distributed import is_main, world_size
+
+        if not is_main():
+            return 0
+        if world_size() > 1:
+            print(f"{world_size()} processes, statistics summed across them")
         print(f"profiled {len(prof.tasks)} task(s), {sum(tokens.values()):,} tokens, tap {prof.meta['tap']} "
               f"-> {args.output}")
         return 0
@@ -155,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dietprune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch: leave the process group cleanly."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

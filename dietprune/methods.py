@@ -36,7 +36,10 @@ class PruneConfig:
     merge: str = "vote"
     align: int = 1
     repair: str = "rms"
-    ridge: float = 1e-2
+    ridge: float = 1e-2  # least-squares repair (ls)
+    refit_ridge: float = 1e-3  # sequential re-fit (refit)
+    fit_samples: int = 64  # calibration sequences the re-fit uses (pooled over tasks)
+    fit_max_length: int = 256
     skip_bos: bool = False
     batch_size: int = 8
     max_length: int = 512

@@ -109,8 +109,13 @@ def resolve(spec: str) -> tuple[str, dict, str]:
     return spec, {}, "hub"
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer from any supported spec."""
+def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None,
+         device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any supported spec.
+
+    ``device_map="auto"`` spreads a model larger than one GPU over all visible GPUs (and CPU)
+    through accelerate's big-model loading; the profiling hooks follow the weights' devices.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -122,7 +127,10 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
         from .adapters import adapter_for_type
 
         adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        kwargs.pop("device_map", None)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except DietpruneError:
         raise
@@ -140,7 +148,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    if device:
+    if device and device_map is None:
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)
 
@@ -151,17 +159,29 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     Scores computed on one model are refused on another: the fingerprint differs when the
     config's shapes or any of the sampled weights differ.
     """
-    cfg = model.config
+    def samples():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            yield name, flat[fingerprint_indices(flat.numel())]
+
+    return fingerprint_of(model.config, samples())
+
+
+def fingerprint_indices(numel: int) -> torch.Tensor:
+    """Which flat positions of a weight the fingerprint samples (64 evenly spaced)."""
+    n = min(64, numel)
+    return torch.arange(n, dtype=torch.long) * (numel - 1) // max(n - 1, 1)
+
+
+def fingerprint_of(cfg, sampled) -> str:
+    """The fingerprint from a config and (name, sampled values) pairs in named_parameters() order."""
     keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
             "num_attention_heads", "num_key_value_heads")
     h = hashlib.sha256(json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            n = min(64, flat.numel())
-            idx = torch.arange(n, dtype=torch.long) * (flat.numel() - 1) // max(n - 1, 1)
+        for name, values in sampled:
             h.update(name.encode())
-            h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
+            h.update(values.to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

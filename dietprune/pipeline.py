@@ -23,9 +23,9 @@ from .adapters import adapter_for, param_count
 from .errors import DietpruneError
 from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
 from .models import LoadedModel, load, model_fingerprint
-from .profile import ProfileConfig
+from .profile import ProfileConfig, load_calibration
 from .profile import profile as run_profile
-from .repair import ls_compensate_, parse_repair, rms_correct_
+from .repair import ls_compensate_, parse_repair, rms_correct_, uses_refit
 from .stats import Profile
 from .surgery import prune_hidden_
 from .tasks import parse_tasks
@@ -70,19 +70,64 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = None, data_dir=None,
-            output=None, tokenizer=None, **kwargs) -> Profile:
-    """Profile per-task DIET importance; optionally save it as safetensors."""
+            output=None, tokenizer=None, low_memory: bool | None = None, device_map: str | None = None,
+            offload: str = "auto", **kwargs) -> Profile:
+    """Profile per-task DIET importance; optionally save it as safetensors.
+
+    `low_memory`: stream one block at a time from a safetensors folder (None: only when the
+    model would not fit in the available RAM). Under torchrun / accelerate launch every process
+    profiles its share of the samples, the sums are all-reduced and rank 0 writes `output`.
+    """
+    from . import distributed
+
     parse_tasks(tasks)  # fail on bad task names before loading a model
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
     if output is not None:
         out = Path(output).expanduser().absolute()
         if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise DietpruneError(f"cannot write scores: folder {out.parent} is missing or not writable")
-    lm = _as_loaded(model, tokenizer)
-    prof = run_profile(lm.model, lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec)
-    if output is not None:
+    examples = load_calibration(tasks, cfg, data_dir)
+    folder = _streaming_folder(model, low_memory, device_map)
+    if folder is not None:
+        from .streaming import load_tokenizer, stream_profile
+
+        prof = stream_profile(folder, tokenizer or load_tokenizer(folder), tasks, cfg, data_dir=data_dir,
+                              model_spec=str(model), offload=offload, examples=examples)
+    else:
+        if isinstance(model, (str, os.PathLike)):
+            model = load(str(model), device=distributed.device(), device_map=device_map)
+        lm = _as_loaded(model, tokenizer)
+        prof = run_profile(lm.model, lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
+                           examples=examples)
+    if output is not None and distributed.is_main():
         prof.save(output)
+    distributed.barrier()
     return prof
+
+
+def _streaming_folder(model, low_memory: bool | None, device_map: str | None) -> str | None:
+    """The safetensors folder to stream from, or None for the in-memory path."""
+    if not isinstance(model, (str, os.PathLike)):
+        if low_memory:
+            raise DietpruneError("--low-memory streams from a checkpoint folder, not an in-memory model")
+        return None
+    if low_memory is False:
+        return None
+    from .models import resolve
+    from .streaming import fits_in_memory, is_safetensors_folder
+
+    path, _, source = resolve(str(model))
+    streamable = source == "local" and is_safetensors_folder(path)
+    if low_memory:
+        if device_map is not None:
+            raise DietpruneError("choose either --low-memory (CPU streaming) or --device-map")
+        if not streamable:
+            raise DietpruneError(f"--low-memory streams safetensors checkpoint folders; '{model}' is a {source} "
+                                 "model (convert it once: load it and save_pretrained to a folder)")
+        return path
+    if streamable and device_map is None and not fits_in_memory(path):
+        return path
+    return None
 
 
 def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -> None:
@@ -97,7 +142,8 @@ def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -
 
 def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: PruneConfig | None = None,
           scores=None, data_dir=None, overwrite: bool = False, tokenizer=None, dtype: str | None = None,
-          **options) -> PruneResult:
+          low_memory: bool | None = None, device_map: str | None = None, max_shard_size="2GB",
+          offload: str = "auto", **options) -> PruneResult:
     """Prune hidden dimensions of `model` and (if `output`) save a standard checkpoint.
 
     `model` is a spec (preset, .gguf, folder, hub id), a LoadedModel, or an nn.Module with
@@ -113,11 +159,34 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     needs_profile, method_fn = METHODS[config.method]
     use_rms, use_ls = parse_repair(config.repair)
+    use_refit = uses_refit(config.repair)
     timings: dict[str, float] = {}
+    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
+                         max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
+    examples = None
+    if use_refit or (scores is None and (needs_profile or ((use_rms or use_ls)
+                                                             and config.method not in SELF_CALIBRATED))):
+        t0 = time.perf_counter()
+        examples = load_calibration(task_list, pcfg, data_dir)  # data errors before the model loads
+        timings["data"] = time.perf_counter() - t0
+
+    folder = _streaming_folder(model, low_memory, device_map)
+    if folder is not None:
+        from .streaming import prune_streaming
+
+        if use_refit:
+            raise DietpruneError("--repair refit needs the model in memory; use --repair rms with --low-memory")
+
+        return prune_streaming(folder, str(model), config, out, scores=scores, data_dir=data_dir,
+                               overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size, offload=offload,
+                               examples=examples, timings=timings)
 
     t0 = time.perf_counter()
+    owned = isinstance(model, (str, os.PathLike))  # loaded here: ours to cut; anything else is copied
+    if owned and device_map is not None:
+        model = load(str(model), device_map=device_map)
     lm = _as_loaded(model, tokenizer)
-    net = lm.model if lm.source != "memory" else copy.deepcopy(lm.model)
+    net = lm.model if owned else copy.deepcopy(lm.model)
     adapter = adapter_for(net)
     timings["load"] = time.perf_counter() - t0
     fingerprint = model_fingerprint(net)
@@ -133,12 +202,9 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
             raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
         if use_rms and prof.norms is None:
             raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
-    elif needs_profile or ((use_rms or use_ls) and config.method not in SELF_CALIBRATED):
-        cal_tasks = task_list if needs_profile else parse_tasks(config.tasks)
-        pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
-                             max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
-        prof = run_profile(net, lm.tokenizer, cal_tasks, pcfg, data_dir=data_dir, fingerprint=fingerprint,
-                           model_spec=lm.spec)
+    elif examples is not None:
+        prof = run_profile(net, lm.tokenizer, task_list, pcfg, data_dir=data_dir, fingerprint=fingerprint,
+                           model_spec=lm.spec, examples=examples)
     timings["profile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -156,7 +222,20 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
             repair_info["rms_factors"] = rms_correct_(net, kept, repair_prof.norms, adapter)
         if use_ls:
             ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter)
+        if use_refit:
+            from .refit import capture_norm_outputs, fit_batch, reader_weights
+
+            fit = fit_batch(net, lm.tokenizer, examples, config.fit_samples, config.fit_max_length, config.seed)
+            targets, dense_weights = capture_norm_outputs(net, *fit, adapter=adapter), reader_weights(net, adapter)
         prune_hidden_(net, kept, adapter)
+        if use_refit:
+            from .refit import refit_readers_
+
+            errors = refit_readers_(net, dense_weights, targets, *fit, ridge=config.refit_ridge, adapter=adapter)
+            del targets, dense_weights
+            repair_info["refit_relative_error"] = {
+                "before": sum(b for b, _ in errors.values()) / len(errors),
+                "after": sum(a for _, a in errors.values()) / len(errors)}
     timings["cut"] = time.perf_counter() - t0
 
     summary = {
@@ -169,7 +248,9 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     }
     summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
     result = PruneResult(net, lm.tokenizer, kept, config, summary, profile=prof, timings=timings)
-    if out is not None:
+    from . import distributed
+
+    if out is not None and distributed.is_main():
         t0 = time.perf_counter()
         meta = _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info)
         tensors = dict(selection.tensors)
@@ -208,9 +289,13 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def save_checkpoint(model, tokenizer, output: Path, meta: dict, tensors: dict, overwrite: bool = False,
-                    dtype: str | None = None) -> Path:
-    """Write model + tokenizer + dietprune.json into a temp folder, then rename it into place."""
+def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwrite: bool = False,
+                    dtype: str | None = None, write_model=None) -> Path:
+    """Write model + tokenizer + dietprune.json into a temp folder, then rename it into place.
+
+    `write_model(folder)` replaces ``model.save_pretrained`` (the streaming writer); `meta` may be
+    a function, called once the weights are written.
+    """
     from safetensors.torch import save_file
 
     output = Path(output)
@@ -219,9 +304,14 @@ def save_checkpoint(model, tokenizer, output: Path, meta: dict, tensors: dict, o
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is not
-        if dtype and dtype != "float32":
-            model = copy.deepcopy(model).to(getattr(torch, dtype))
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_model is not None:
+            write_model(tmp)
+        else:
+            if dtype and dtype != "float32":
+                model = copy.deepcopy(model).to(getattr(torch, dtype))
+            model.save_pretrained(tmp, safe_serialization=True)
+        if callable(meta):
+            meta = meta()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "dietprune.json").write_text(json.dumps(meta, indent=2))

@@ -32,17 +32,25 @@ TAPS = ("residual", "norm-out", "write")
 DEFAULT_TAP = "norm-out"
 
 
-def tap_points(model: nn.Module, adapter: ModelAdapter, tap: str) -> list[tuple[str, nn.Module]]:
-    blocks = adapter.blocks(model)
+def block_tap_names(adapter: ModelAdapter, tap: str) -> tuple[str, ...]:
+    """Modules of one block whose outputs are read at `tap` ('' is the block itself)."""
     if tap == "residual":
-        return [(f"{adapter.layers}.{i}", b) for i, b in enumerate(blocks)]
+        return ("",)
     if tap == "norm-out":
-        names = adapter.reader_norms()
-    elif tap == "write":
-        names = adapter.write_norms() or adapter.writers
-    else:
-        raise DietpruneError(f"unknown tap '{tap}'; choose from {', '.join(TAPS)}")
-    return [(f"{adapter.layers}.{i}.{n}", get_module(b, n)) for i, b in enumerate(blocks) for n in names]
+        return adapter.reader_norms()
+    if tap == "write":
+        return adapter.write_norms() or adapter.writers
+    raise DietpruneError(f"unknown tap '{tap}'; choose from {', '.join(TAPS)}")
+
+
+def block_tap_points(block: nn.Module, index: int, adapter: ModelAdapter, tap: str) -> list[tuple[str, nn.Module]]:
+    prefix = f"{adapter.layers}.{index}"
+    return [(f"{prefix}.{n}" if n else prefix, get_module(block, n) if n else block)
+            for n in block_tap_names(adapter, tap)]
+
+
+def tap_points(model: nn.Module, adapter: ModelAdapter, tap: str) -> list[tuple[str, nn.Module]]:
+    return [p for i, b in enumerate(adapter.blocks(model)) for p in block_tap_points(b, i, adapter, tap)]
 
 
 def _tensor(output):
@@ -61,7 +69,7 @@ class _Accumulator:
         def fn(module, args, output):
             x = _tensor(output)
             tokens = x[self.mask]  # [N, d]
-            self.abs_sum[index] += tokens.abs().sum(0, dtype=torch.float64)
+            self.abs_sum[index] += tokens.abs().sum(0, dtype=torch.float64).to(self.abs_sum.device)
 
         return fn
 
@@ -80,7 +88,7 @@ class _NormAccumulator:
 
     def pre_hook(self, layer: int | None, j: int):
         def fn(module, args):
-            x = args[0][self.mask].to(torch.float64)
+            x = args[0][self.mask].to(self.in_sq.device, torch.float64)
             if layer is None:
                 self.final_in_sq += (x * x).sum(0)
             else:
@@ -90,27 +98,37 @@ class _NormAccumulator:
 
     def gram_hook(self, layer: int | None, j: int):
         def fn(module, args, output):
-            y = _tensor(output)[self.mask].to(torch.float64)
+            # float32 product per batch (fast on CPU), float64 running sum (exact across batches)
+            y = _tensor(output)[self.mask].float()
+            g = (y.T @ y).to(self.in_sq.device, torch.float64)
             if layer is None:
-                self.final_gram += y.T @ y
+                self.final_gram += g
             else:
-                self.gram[layer, j] += y.T @ y
+                self.gram[layer, j] += g
 
         return fn
 
-    def register(self, model: nn.Module) -> list:
+    def register_block(self, block: nn.Module, i: int) -> list:
         adapter = self.adapter
         handles = []
-        for i, block in enumerate(adapter.blocks(model)):
-            for j, name in enumerate(adapter.residual_norms):
-                handles.append(get_module(block, name).register_forward_pre_hook(self.pre_hook(i, j)))
-            if self.gram is not None:
-                for j, name in enumerate(adapter.reader_norms()):
-                    handles.append(get_module(block, name).register_forward_hook(self.gram_hook(i, j)))
-        handles.append(adapter.norm(model).register_forward_pre_hook(self.pre_hook(None, 0)))
-        if self.final_gram is not None:
-            handles.append(adapter.norm(model).register_forward_hook(self.gram_hook(None, 0)))
+        for j, name in enumerate(adapter.residual_norms):
+            handles.append(get_module(block, name).register_forward_pre_hook(self.pre_hook(i, j)))
+        if self.gram is not None:
+            for j, name in enumerate(adapter.reader_norms()):
+                handles.append(get_module(block, name).register_forward_hook(self.gram_hook(i, j)))
         return handles
+
+    def register_final(self, norm: nn.Module) -> list:
+        handles = [norm.register_forward_pre_hook(self.pre_hook(None, 0))]
+        if self.final_gram is not None:
+            handles.append(norm.register_forward_hook(self.gram_hook(None, 0)))
+        return handles
+
+    def register(self, model: nn.Module) -> list:
+        handles = []
+        for i, block in enumerate(self.adapter.blocks(model)):
+            handles += self.register_block(block, i)
+        return handles + self.register_final(self.adapter.norm(model))
 
 
 @contextlib.contextmanager
@@ -180,44 +198,79 @@ def collect(model: nn.Module, tokenizer, sequences: list[list[int]], config: Pro
     return stats
 
 
+def load_calibration(tasks, config: ProfileConfig, data_dir=None) -> dict[str, list]:
+    """Calibration examples of every task, loaded and formatted before any model work."""
+    return {t.name: calibration_examples(t, config.samples, config.seed, data_dir) for t in parse_tasks(tasks)}
+
+
 def profile(model: nn.Module, tokenizer, tasks, config: ProfileConfig | None = None,
-            data_dir=None, fingerprint: str | None = None, model_spec: str | None = None) -> Profile:
-    """Profile `model` on each task and return per-task statistics (plus norm statistics)."""
+            data_dir=None, fingerprint: str | None = None, model_spec: str | None = None,
+            examples: dict[str, list] | None = None) -> Profile:
+    """Profile `model` on each task and return per-task statistics (plus norm statistics).
+
+    `examples` (from load_calibration) skips loading the data again.
+    """
     from .models import model_fingerprint
 
     config = config or ProfileConfig()
-    task_list: list[Task] = parse_tasks(tasks)
     adapter = adapter_for(model)
-    add_bos = wants_bos(model)
     device = next(model.parameters()).device
-    norm_acc = None
-    if config.norm_stats or config.gram:
-        norm_acc = _NormAccumulator(adapter, model.config.num_hidden_layers, model.config.hidden_size, device,
-                                    gram=config.gram)
-    # Load and format every task before the first forward pass: data errors surface at once.
-    encoded = {}
-    for task in task_list:
-        examples = calibration_examples(task, config.samples, config.seed, data_dir)
-        encoded[task.name] = calibration_ids(tokenizer, examples, add_bos, config.max_length)
+    task_list, encoded = encode_tasks(tokenizer, tasks, config, data_dir, wants_bos(model), examples)
+    norm_acc = new_norm_accumulator(adapter, model.config, config, device)
     per_task, timings = {}, {}
     for task in task_list:
         t0 = time.perf_counter()
         per_task[task.name] = collect(model, tokenizer, encoded[task.name], config, desc=f"profile {task.name}",
                                       norm_acc=norm_acc)
         timings[task.name] = round(time.perf_counter() - t0, 2)
+    return finish_profile(per_task, norm_acc, task_list, config, timings, model.config,
+                          fingerprint or model_fingerprint(model), model_spec)
+
+
+def encode_tasks(tokenizer, tasks, config: ProfileConfig, data_dir, add_bos: bool,
+                 examples: dict[str, list] | None = None) -> tuple[list[Task], dict]:
+    """Tokenise every task's calibration examples (sampled here unless given).
+
+    Under torchrun / accelerate launch each process keeps its own deterministic share of every
+    task's sampled examples (rank r takes samples r, r+N, r+2N, ...).
+    """
+    from . import distributed
+
+    task_list: list[Task] = parse_tasks(tasks)
+    examples = examples or load_calibration(task_list, config, data_dir)
+    encoded = {t.name: distributed.shard(calibration_ids(tokenizer, examples[t.name], add_bos, config.max_length))
+               for t in task_list}
+    return task_list, encoded
+
+
+def new_norm_accumulator(adapter: ModelAdapter, model_config, config: ProfileConfig, device):
+    if not (config.norm_stats or config.gram):
+        return None
+    return _NormAccumulator(adapter, model_config.num_hidden_layers, model_config.hidden_size, device,
+                            gram=config.gram)
+
+
+def finish_profile(per_task: dict[str, TaskStats], norm_acc, task_list: list[Task], config: ProfileConfig,
+                   timings: dict, model_config, fingerprint: str, model_spec: str | None) -> Profile:
+    """Sum the statistics over processes (when launched as several) and attach the provenance."""
+    from . import distributed
+
+    per_task = {name: distributed.reduce_task_stats(st) for name, st in per_task.items()}
     norms = None
     if norm_acc is not None:
         total = sum(st.count for st in per_task.values())
-        norms = NormStats(norm_acc.in_sq.cpu(), norm_acc.final_in_sq.cpu(), total,
-                          None if norm_acc.gram is None else norm_acc.gram.cpu(),
-                          None if norm_acc.final_gram is None else norm_acc.final_gram.cpu())
+        def summed(t):
+            return None if t is None else distributed.all_reduce(t.cpu())
+
+        norms = NormStats(summed(norm_acc.in_sq), summed(norm_acc.final_in_sq), total,
+                          summed(norm_acc.gram), summed(norm_acc.final_gram))
         if not torch.isfinite(norms.in_sq).all():
             raise DietpruneError("non-finite activations (NaN/inf) entering a residual norm")
     meta = {
-        "fingerprint": fingerprint or model_fingerprint(model),
+        "fingerprint": fingerprint,
         "model": model_spec,
-        "model_type": model.config.model_type,
-        "hidden_size": model.config.hidden_size,
+        "model_type": model_config.model_type,
+        "hidden_size": model_config.hidden_size,
         "tap": config.tap,
         "skip_bos": config.skip_bos,
         "samples": {t: per_task[t].samples for t in per_task},

@@ -20,17 +20,22 @@ from .adapters import ModelAdapter, adapter_for, get_module
 from .errors import DietpruneError
 from .stats import NormStats
 
-REPAIRS = ("none", "rms", "ls", "rms+ls")
+REPAIRS = ("none", "rms", "ls", "rms+ls", "refit", "rms+refit")
 
 
 def parse_repair(repair: str | None) -> tuple[bool, bool]:
     repair = repair or "none"
     if repair not in REPAIRS:
         raise DietpruneError(f"unknown repair '{repair}'; choose from {', '.join(REPAIRS)}")
-    return "rms" in repair, "ls" in repair
+    return "rms" in repair, repair.endswith("ls")
 
 
-def _complement(kept: torch.Tensor, d: int) -> torch.Tensor:
+def uses_refit(repair: str | None) -> bool:
+    """The sequential least-squares re-fit (dietprune.refit) runs after the cut."""
+    return "refit" in (repair or "")
+
+
+def complement(kept: torch.Tensor, d: int) -> torch.Tensor:
     mask = torch.ones(d, dtype=torch.bool)
     mask[kept] = False
     return mask.nonzero().flatten()
@@ -55,13 +60,37 @@ def rms_correct_(model: nn.Module, kept: torch.Tensor, norms: NormStats, adapter
         for j, name in enumerate(adapter.residual_norms):
             f = rms_ratio(norms.in_sq[i, j], kept)
             norm = get_module(block, name)
-            norm.weight.data.copy_((adapter.norm_offset + norm.weight.data) * f - adapter.norm_offset)
+            norm.weight.data.copy_(rescale_gain(norm.weight.data, f, adapter.norm_offset))
             factors[f"{i}.{name}"] = f
     f = rms_ratio(norms.final_in_sq, kept)
     final = adapter.norm(model)
-    final.weight.data.copy_((adapter.norm_offset + final.weight.data) * f - adapter.norm_offset)
+    final.weight.data.copy_(rescale_gain(final.weight.data, f, adapter.norm_offset))
     factors["final"] = f
     return factors
+
+
+def rescale_gain(weight: torch.Tensor, factor: float, offset: float) -> torch.Tensor:
+    """A norm weight whose effective gain (offset + w) is multiplied by `factor`."""
+    return (offset + weight) * factor - offset
+
+
+def rms_factor_for(adapter: ModelAdapter, name: str, kept: torch.Tensor, norms: NormStats) -> float | None:
+    """The RMS-correction factor of the norm weight called `name` in the state dict (None: not a norm gain)."""
+    role, layer, inner = adapter.locate(name)
+    if not name.endswith(".weight"):
+        return None
+    if role == "norm":
+        return rms_ratio(norms.in_sq[layer, adapter.residual_norms.index(inner)], kept)
+    if role == "final_norm":
+        return rms_ratio(norms.final_in_sq, kept)
+    return None
+
+
+def ls_fold(weight: torch.Tensor, a: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """W_k + W_r A for a projection reading a norm output; same dtype as `weight`."""
+    w = weight.double()
+    w[:, kept] += w[:, removed] @ a
+    return w.to(weight.dtype)
 
 
 def ls_map(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -84,7 +113,7 @@ def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge
         raise DietpruneError("least-squares repair needs Gram statistics: profile with gram=True")
     d = model.config.hidden_size
     kept = torch.as_tensor(kept, dtype=torch.long)
-    removed = _complement(kept, d)
+    removed = complement(kept, d)
     if len(removed) == 0:
         return
     for i, block in enumerate(adapter.blocks(model)):
@@ -92,6 +121,4 @@ def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge
             a = ls_map(norms.gram[i, j], kept, removed, ridge)  # [r, k]
             for lin_name in adapter.norm_readers[norm_name]:
                 lin = get_module(block, lin_name)
-                w = lin.weight.data.double()
-                w[:, kept] += w[:, removed] @ a
-                lin.weight.data.copy_(w.to(lin.weight.dtype))
+                lin.weight.data.copy_(ls_fold(lin.weight.data, a, kept, removed))

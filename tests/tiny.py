@@ -34,3 +34,27 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
             if "norm" in name or name.endswith(".bias"):
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over 128 ids (0 pad, 1 bos, 2 eos, 3 unk), no downloads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [chr(c) for c in range(33, 127)]
+    words += [w for w in ("the", "a", "is", "of", "and", "to", "in", "yes", "no", "True", "False", "Question",
+                          "Answer", "it", "was", "for", "on", "that", "with", "as", "be", "at", "by", "this",
+                          "are", "or", "an", "from", "not", "he", "she", "they", "we", "you") if w not in words]
+    vocab = {w: i for i, w in enumerate(words[:128])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def save_tiny(path, model_type: str, seed: int = 0, **overrides):
+    """A tiny checkpoint folder (model + tokenizer) that `dietprune` can load like any other."""
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
