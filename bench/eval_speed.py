@@ -10,7 +10,9 @@ log-likelihood difference; writes everything as JSON.
     python bench/eval_speed.py                       # default: both presets, 7 tasks, limit 10
     python bench/eval_speed.py --models smollm2-135m --limit 50 --tasks boolq,hellaswag
 
-Model loading is not timed. Both sides use the same batch size and a 2048-token window.
+Model loading is not timed. Both sides use the same batch size and a 2048-token window. Wall
+clock and process CPU time are both recorded: on a shared machine the CPU-time ratio is the
+steadier one (other users' load inflates wall clock on either side at random).
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int
     hlm = harness_lm(lm.model, lm.tokenizer, batch_size=batch_size, max_length=2048)
     per_task = {}
     for task in tasks:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ours = evaluate(lm.model, lm.tokenizer, [task], limit=limit, data_dir=data_dir, batch_size=batch_size,
                         progress=False, log_samples=True)
-        ours_s = time.perf_counter() - t0
+        ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
+        c0 = time.process_time()
         theirs = run_harness(hlm, [task], data_dir, limit, workdir / spec / task)[task]
+        theirs_cpu = time.process_time() - c0
         recs = ours["samples"][task]
         same = sum(r["pred"] == _argmax(lls) for r, lls in zip(recs, theirs["loglik"]))
         norm_pairs = [(r["pred_norm"] == r["gold"], h) for r, h in zip(recs, theirs["acc_norm"]) if h is not None]
@@ -64,6 +68,9 @@ def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int
             "dietprune_seconds": round(ours_s, 2),
             "harness_seconds": round(theirs["seconds"], 2),
             "speedup": round(theirs["seconds"] / ours_s, 2),
+            "dietprune_cpu_seconds": round(ours_cpu, 2),
+            "harness_cpu_seconds": round(theirs_cpu, 2),
+            "speedup_cpu": round(theirs_cpu / ours_cpu, 2),
             "identical_predictions": same / len(recs),
             "identical_acc_norm_outcomes": (sum(float(a) == b for a, b in norm_pairs) / len(norm_pairs)
                                             if norm_pairs else None),
@@ -71,21 +78,27 @@ def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int
             "dietprune": {k: v for k, v in ours["tasks"][task].items() if k in ("acc", "acc_norm")},
             "harness": {k: v for k, v in theirs["metrics"].items() if k in ("acc", "acc_norm")},
         }
-        print(f"  {task:<14} dietprune {ours_s:7.1f}s  harness {theirs['seconds']:7.1f}s  "
-              f"x{theirs['seconds'] / ours_s:5.2f}  same predictions {same}/{len(recs)}  "
+        print(f"  {task:<14} wall: dietprune {ours_s:6.1f}s harness {theirs['seconds']:6.1f}s "
+              f"x{theirs['seconds'] / ours_s:5.2f} | cpu: dietprune {ours_cpu:6.1f}s harness {theirs_cpu:6.1f}s "
+              f"x{theirs_cpu / ours_cpu:5.2f} | same predictions {same}/{len(recs)}  "
               f"max |dlogL| {diff:.1e}", flush=True)
     ours_total = sum(t["dietprune_seconds"] for t in per_task.values())
     theirs_total = sum(t["harness_seconds"] for t in per_task.values())
+    ours_cpu_total = sum(t["dietprune_cpu_seconds"] for t in per_task.values())
+    theirs_cpu_total = sum(t["harness_cpu_seconds"] for t in per_task.values())
     n = sum(t["n"] for t in per_task.values())
     same_total = sum(t["identical_predictions"] * t["n"] for t in per_task.values())
     summary = {
         "model": spec, "fingerprint": ours["meta"]["fingerprint"], "load_seconds": round(load_s, 1),
         "examples": n, "dietprune_seconds": round(ours_total, 1), "harness_seconds": round(theirs_total, 1),
-        "speedup": round(theirs_total / ours_total, 2), "identical_predictions": same_total / n,
+        "speedup": round(theirs_total / ours_total, 2), "dietprune_cpu_seconds": round(ours_cpu_total, 1),
+        "harness_cpu_seconds": round(theirs_cpu_total, 1), "speedup_cpu": round(theirs_cpu_total / ours_cpu_total, 2),
+        "identical_predictions": same_total / n,
         "max_abs_loglik_diff": max(t["max_abs_loglik_diff"] for t in per_task.values()),
         "torch_threads": torch.get_num_threads(), "tasks": per_task,
     }
-    print(f"  => {spec}: dietprune {ours_total:.1f}s, harness {theirs_total:.1f}s, speed ratio x{summary['speedup']}, "
+    print(f"  => {spec}: wall dietprune {ours_total:.1f}s, harness {theirs_total:.1f}s, speed ratio x{summary['speedup']}; "
+          f"cpu dietprune {ours_cpu_total:.1f}s, harness {theirs_cpu_total:.1f}s, ratio x{summary['speedup_cpu']}; "
           f"identical predictions {100 * summary['identical_predictions']:.1f}% of {n}", flush=True)
     del lm, hlm
     return summary

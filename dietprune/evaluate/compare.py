@@ -118,7 +118,9 @@ def plot_comparison(cmp: dict, path: str | os.PathLike) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("zero-shot accuracy (* = acc_norm)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    top = max([100 * v for r in rows for v in list(r["values"].values()) + [r["average"]] if v is not None] or [1])
+    ax.set_ylim(0, min(100, top * 1.2) if top <= 100 else top * 1.2)
+    ax.legend(fontsize=8, loc="upper right", ncol=min(len(rows), 3))
     if with_ppl:
         ax2 = axes[0][1]
         ax2.bar(range(len(rows)), [r["ppl"] or 0 for r in rows], color=[f"C{i}" for i in range(len(rows))])
