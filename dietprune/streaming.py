@@ -344,12 +344,13 @@ def stream_profile(folder, tokenizer, tasks, config: ProfileConfig | None = None
     sums = {t.name: torch.zeros(len(blocks) * per_block, d, dtype=torch.float64) for t in task_list}
     acc = _Accumulator(len(blocks) * per_block, d, "cpu")
     norm_acc = new_norm_accumulator(adapter, model.config, config, "cpu")
-    block_seconds = []
+    block_seconds, read_seconds = [], []
     try:
         for i, block in enumerate(progress(blocks, desc="profile blocks")):
             t0 = time.perf_counter()
             prefix = f"{adapter.layers}.{i}"
             materialize_(model, prefix, block, ckpt)
+            read_seconds.append(time.perf_counter() - t0)
             points = block_tap_points(block, i, adapter, config.tap)
             handles = [m.register_forward_hook(acc.hook(i * per_block + p)) for p, (_, m) in enumerate(points)]
             if norm_acc is not None:
@@ -388,6 +389,7 @@ def stream_profile(folder, tokenizer, tasks, config: ProfileConfig | None = None
                           fingerprint, model_spec)
     tokens = sum(int(p[1].numel()) for p in plan)
     prof.meta["streaming"] = {"block_seconds": [round(s, 3) for s in block_seconds],
+                              "block_read_seconds": [round(s, 3) for s in read_seconds],
                               "tokens_with_padding": tokens, "activations_on_disk": spill is not None}
     return prof
 
