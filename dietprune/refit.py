@@ -46,8 +46,8 @@ def capture_norm_outputs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor
 
 def moments(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Ĝ = Σ ŷŷᵀ, C = Σ yŷᵀ, G = Σ yyᵀ) in float64: everything the fit and its error need."""
-    y, y_hat = y.double(), y_hat.double()
-    return y_hat.T @ y_hat, y.T @ y_hat, y.T @ y
+    y, y_hat = y.float(), y_hat.float()  # float32 products (fast on CPU), float64 for the solve
+    return (y_hat.T @ y_hat).double(), (y.T @ y_hat).double(), (y.T @ y).double()
 
 
 def solve_refit(w_dense: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -148,3 +148,15 @@ def test_reload_in_fresh_process_without_dietprune(arch, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_model_passed_in_is_not_modified():
+    from dietprune.models import LoadedModel
+    from dietprune.pipeline import prune
+    from tiny import tiny_tokenizer
+
+    lm = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny", "local")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    res = prune(lm, sparsity=0.25, method="random", repair="none", tasks="boolq")
+    assert res.model.config.hidden_size == 48 and lm.model.config.hidden_size == 64
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
