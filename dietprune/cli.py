@@ -134,7 +134,7 @@ def add_profile(sub):
 
 
 def add_ls(sub):
-    p = sub.add_parser("ls", help="list presets, tasks, methods and architectures")
+    sub.add_parser("ls", help="list presets, tasks, methods and architectures")
 
     def run(args) -> int:
         from .adapters import supported_model_types

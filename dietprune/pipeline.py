@@ -130,6 +130,18 @@ def _streaming_folder(model, low_memory: bool | None, device_map: str | None) ->
     return None
 
 
+def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, use_rms: bool,
+                        use_ls: bool) -> Profile:
+    """A scores file (or Profile) for this model, tasks and repairs, or a one-line error."""
+    prof = scores if isinstance(scores, Profile) else Profile.load(scores)
+    _check_scores(prof, model, config, fingerprint)
+    if use_ls and (prof.norms is None or prof.norms.gram is None):
+        raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
+    if use_rms and prof.norms is None:
+        raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
+    return prof
+
+
 def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -> None:
     if prof.meta.get("fingerprint") != fingerprint:
         raise DietpruneError(
@@ -196,12 +208,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     t0 = time.perf_counter()
     prof: Profile | None = None
     if scores is not None:
-        prof = scores if isinstance(scores, Profile) else Profile.load(scores)
-        _check_scores(prof, net, config, fingerprint)
-        if use_ls and (prof.norms is None or prof.norms.gram is None):
-            raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
-        if use_rms and prof.norms is None:
-            raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
+        prof = load_checked_scores(scores, net, config, fingerprint, use_rms, use_ls)
     elif examples is not None:
         prof = run_profile(net, lm.tokenizer, task_list, pcfg, data_dir=data_dir, fingerprint=fingerprint,
                            model_spec=lm.spec, examples=examples)

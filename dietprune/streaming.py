@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -588,10 +587,9 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
     """pipeline.prune for a safetensors folder, one block / one tensor in memory at a time."""
     from . import distributed
     from .methods import METHODS, MethodContext
-    from .pipeline import PruneResult, _check_scores, _metadata, dir_size, save_checkpoint
+    from .pipeline import PruneResult, _metadata, dir_size, load_checked_scores, save_checkpoint
     from .profile import ProfileConfig
     from .repair import parse_repair
-    from .stats import Profile
     from .tasks import parse_tasks
 
     needs_profile, method_fn = METHODS[config.method]
@@ -611,12 +609,7 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
     t0 = time.perf_counter()
     prof = None
     if scores is not None:
-        prof = scores if isinstance(scores, Profile) else Profile.load(scores)
-        _check_scores(prof, model, config, fingerprint)
-        if use_ls and (prof.norms is None or prof.norms.gram is None):
-            raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
-        if use_rms and prof.norms is None:
-            raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
+        prof = load_checked_scores(scores, model, config, fingerprint, use_rms, use_ls)
     elif examples is not None or needs_profile:
         pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
                              max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
