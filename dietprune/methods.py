@@ -35,7 +35,7 @@ class PruneConfig:
     tap: str = DEFAULT_TAP
     merge: str = "vote"
     align: int = 1
-    repair: str = "rms"
+    repair: str = "rms+ls"  # best measured on gemma3-270m, docs/method.md
     ridge: float = 1e-2  # least-squares repair (ls)
     refit_ridge: float = 1e-3  # sequential re-fit (refit)
     fit_samples: int = 64  # calibration sequences the re-fit uses (pooled over tasks)

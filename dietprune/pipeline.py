@@ -136,7 +136,8 @@ def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, us
     prof = scores if isinstance(scores, Profile) else Profile.load(scores)
     _check_scores(prof, model, config, fingerprint)
     if use_ls and (prof.norms is None or prof.norms.gram is None):
-        raise DietpruneError("the scores file has no Gram statistics; profile again with --repair ls")
+        raise DietpruneError("the scores file has no Gram statistics, which --repair ls needs: "
+                             "profile with --gram, or prune with --repair rms")
     if use_rms and prof.norms is None:
         raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
     return prof

@@ -91,6 +91,11 @@ def test_scores_from_another_model(capsys, tiny_dir, tmp_path, data_dir):
     scores = tmp_path / "s.safetensors"
     assert main(["profile", str(tiny_dir), "--tasks", "boolq,rte", "--samples", "4", "--output", str(scores),
                  "--data-dir", data_dir]) == 0
+    # the default repair (rms+ls) needs Gram statistics that this scores file lacks: a clear error
+    code, err = _run(capsys, _prune(tiny_dir, tmp_path / "out", data_dir, "--scores", str(scores)))
+    _assert_one_line_error(code, err, "profile with --gram, or prune with --repair rms")
+    assert main(["profile", str(tiny_dir), "--tasks", "boolq,rte", "--samples", "4", "--output", str(scores),
+                 "--data-dir", data_dir, "--gram"]) == 0
     other = save_tiny(tmp_path / "other", "gemma3_text", seed=7)
     code, err = _run(capsys, _prune(other, tmp_path / "out", data_dir, "--scores", str(scores)))
     _assert_one_line_error(code, err, "scores belong to another model")
