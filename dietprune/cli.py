@@ -96,6 +96,8 @@ def format_summary(s: dict, output) -> str:
     lines = [
         f"model          {s['model']}  ({s['method']})",
         f"hidden size    {s['hidden_size_before']} -> {s['hidden_size_after']}",
+        *(["shape          " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in s["shape_changes"].items())]
+          if set(s.get("shape_changes", {})) - {"hidden_size"} else []),
         f"parameters     {s['params_before']:,} -> {s['params_after']:,}  (-{100 * s['param_reduction']:.1f}%)",
     ]
     if "size_on_disk_bytes" in s:

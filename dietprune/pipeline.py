@@ -143,6 +143,13 @@ def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, us
     return prof
 
 
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def config_shape(config) -> dict:
+    return {k: getattr(config, k, None) for k in SHAPE_KEYS}
+
+
 def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -> None:
     if prof.meta.get("fingerprint") != fingerprint:
         raise DietpruneError(
@@ -205,6 +212,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     fingerprint = model_fingerprint(net)
     d = net.config.hidden_size
     params_before = param_count(net)
+    shape_before = config_shape(net.config)
 
     t0 = time.perf_counter()
     prof: Profile | None = None
@@ -255,6 +263,8 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         "params_after": param_count(net),
     }
     summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
+    summary["shape_changes"] = {k: [v, config_shape(net.config)[k]] for k, v in shape_before.items()
+                                if config_shape(net.config)[k] != v}
     result = PruneResult(net, lm.tokenizer, kept, config, summary, profile=prof, timings=timings)
     from . import distributed
 

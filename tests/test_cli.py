@@ -141,3 +141,9 @@ def test_prune_summary_and_metadata(capsys, tiny_dir, tmp_path, data_dir):
 
     mask = load_file(str(out / "dietprune_mask.safetensors"))
     assert mask["task_masks"].shape == (2, 64) and mask["kept"].tolist() == meta["kept_indices"]
+
+
+def test_summary_shows_structure_changes(capsys, tiny_dir, tmp_path, data_dir):
+    assert main(_prune(tiny_dir, tmp_path / "s", data_dir, "--method", "shortgpt", "--sparsity", "0.3")) == 0
+    text = capsys.readouterr().out
+    assert "shape          num_hidden_layers 2 -> 1" in text
