@@ -36,12 +36,17 @@ def capture_norm_outputs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor
                 out[key] = output[mask].detach().float()
 
             handles.append(get_module(block, name).register_forward_hook(hook))
+    _forward_once(model, handles, ids, attn)
+    return out
+
+
+def _forward_once(model: nn.Module, handles: list, ids: torch.Tensor, attn: torch.Tensor) -> None:
+    """One forward pass for the hooks' sake (no logits beyond the last position), then unhook."""
     try:
         model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
-    return out
 
 
 def moments(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,11 +96,7 @@ def refit_readers_(pruned: nn.Module, dense_weights: dict[tuple[int, str], torch
                     report[f"{i}.{proj}"] = (before, relative_error(lin.weight, w, gram_hat, cross, gram))
 
             handles.append(get_module(block, norm_name).register_forward_hook(hook))
-    try:
-        pruned(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_once(pruned, handles, ids, attn)
     return report
 
 

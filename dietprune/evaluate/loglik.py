@@ -80,33 +80,25 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _pad_left(seqs, pad_id):
+def _pad(seqs, pad_id, left: bool):
+    """(ids, attention mask) with every sequence padded to the longest, on the left or the right."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
+            span = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, span] = torch.tensor(s, dtype=torch.long)
+            mask[i, span] = 1
     return ids, mask
 
-
-def _pad_right(seqs, pad_id):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-    return ids, mask
 
 
 @torch.no_grad()
 def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score]]:
     body, _, _ = decoder_parts(model)
     dev = _device(model)
-    ctx_ids, ctx_mask = _pad_left([list(r.context) for r in requests], pad_id)
+    ctx_ids, ctx_mask = _pad([list(r.context) for r in requests], pad_id, left=True)
     ctx_len = ctx_mask.sum(1)
     pos = (ctx_mask.cumsum(1) - 1).clamp(min=0)
     out = body(input_ids=ctx_ids.to(dev), attention_mask=ctx_mask.to(dev), position_ids=pos.to(dev),
@@ -122,7 +114,7 @@ def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score
     if max(len(s) for s in rest) > 0:
         cache = out.get("cache", None) or out.get("past_key_values", None)
         cache.reorder_cache(torch.tensor(owner, device=dev))
-        ids, mask = _pad_right(rest, pad_id)
+        ids, mask = _pad(rest, pad_id, left=False)
         full_mask = torch.cat([ctx_mask[owner], mask], dim=1)
         cpos = ctx_len[owner][:, None] + torch.arange(ids.shape[1])[None, :]
         out2 = body(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=cpos.to(dev),
