@@ -124,7 +124,7 @@ def task_summary(metrics: dict) -> dict:
     return out
 
 
-# Methods whose only calibration is the task profile (mask and/or the rms repair): their profile
+# Methods whose only calibration is the task profile (mask and/or the rms/ls repairs): their profile
 # depends on (model, samples, seed, tap) alone, so one profile serves every sparsity and merge.
 PROFILE_SHARED = {"diet", "diet-mean", "diet-rank", "random", "magnitude"}
 
@@ -137,12 +137,15 @@ def task_profile(cache: dict | None, lm, spec: dict, method: str, opts: dict, se
     """
     from dietprune.pipeline import profile
 
-    if cache is None or method not in PROFILE_SHARED or opts.get("repair", "rms") not in ("rms", "none"):
+    from dietprune.methods import PruneConfig
+
+    if cache is None or method not in PROFILE_SHARED or opts.get("repair", PruneConfig.repair) not in (
+            "none", "rms", "ls", "rms+ls"):
         return None
     key = (spec["model"], opts["samples"], spec["seed"], opts.get("tap", DEFAULT_TAP))
-    if key not in cache:
+    if key not in cache:  # with Gram statistics, so one profile also serves the ls repair
         cache[key] = profile(lm, settings["tasks"], samples=opts["samples"], seed=spec["seed"],
-                             tap=opts.get("tap", DEFAULT_TAP), data_dir=data_dir)
+                             tap=opts.get("tap", DEFAULT_TAP), data_dir=data_dir, gram=True)
     return cache[key]
 
 
@@ -425,7 +428,7 @@ def render(state: dict) -> str:
          "agnostic; parameter sparsity for wanda-sp, flap and shortgpt. **params −** is the parameter "
          "reduction achieved (`summary[\"param_reduction\"]`), measured the same way for all; ⚑ marks cells "
          f"more than {tol:.0%} off the target.",
-         "- `diet` uses the package defaults (repair `rms`, tap `norm-out`, vote merge); `diet-norepair` is the "
+         "- `diet` uses the package defaults (repair `rms+ls`, tap `norm-out`, vote merge); `diet-norepair` is the "
          "same mask with `repair=\"none\"`.",
          "- Commands:", ""]
     L += [f"      {c}" for c in cfg["commands"]] or ["      (none recorded)"]
@@ -510,7 +513,7 @@ def render(state: dict) -> str:
             L.append(f"| tap | {tap}{' (default)' if tap == DEFAULT_TAP else ''} | " + ("– | – | – |" if c is None else
                      f"{c['summary']['hidden_size_after']} | {_pct(c['avg'])} | {_ppl(c['ppl'])} |")
                      + (f" {j:.3f} (vs {DEFAULT_TAP}) |" if j is not None else " – |"))
-        for lab, setting in (("diet", "rms (default)"), ("diet-norepair", "none")):
+        for lab, setting in (("diet", "rms+ls (default)"), ("diet-norepair", "none")):
             c = cells.get(cell_key(m, lab, sp0, 0))
             L.append(f"| repair | {setting} | " + ("– | – | – |" if c is None else
                      f"{c['summary']['hidden_size_after']} | {_pct(c['avg'])} | {_ppl(c['ppl'])} |") + " same mask |")

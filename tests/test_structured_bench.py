@@ -178,6 +178,6 @@ def test_shared_profile_equals_profiling_inside_prune(sb, label, variant, data_d
     ids = torch.tensor([[1, 5, 17, 40, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(shared.model(input_ids=ids).logits, alone.model(input_ids=ids).logits)
-    # self-calibrated methods and the least-squares repairs still profile inside prune()
+    # self-calibrated methods and the re-fit repair still calibrate inside prune()
     assert sb.task_profile(cache, lm, spec, "wanda-sp", opts, settings, data_dir) is None
-    assert sb.task_profile(cache, lm, spec, "diet", {**opts, "repair": "rms+ls"}, settings, data_dir) is None
+    assert sb.task_profile(cache, lm, spec, "diet", {**opts, "repair": "rms+refit"}, settings, data_dir) is None
