@@ -6,11 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 MODEL=${MODEL:-gemma3-270m}
 TASKS=boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa
-LIMIT=${LIMIT:-100}
+LIMIT=${LIMIT:-50}   # examples per task; LIMIT=200 for the figures in docs (slower on CPU)
 OUT=${OUT:-runs/demo}
 mkdir -p "$OUT"
 DP=.venv/bin/dietprune
 $DP prune "$MODEL" --tasks "$TASKS" --samples 100 --sparsity 0.2 --output "$OUT/pruned" --overwrite
-$DP eval "$MODEL" --tasks "$TASKS,wikitext2" --limit "$LIMIT" --output "$OUT/dense.json"
-$DP eval "$OUT/pruned" --tasks "$TASKS,wikitext2" --limit "$LIMIT" --output "$OUT/pruned.json"
+$DP eval "$MODEL" --tasks "$TASKS" --limit "$LIMIT" --output "$OUT/dense.json"
+$DP eval "$OUT/pruned" --tasks "$TASKS" --limit "$LIMIT" --output "$OUT/pruned.json"
 $DP compare "$OUT/dense.json" "$OUT/pruned.json" --plot "$OUT/compare.png"
