@@ -18,7 +18,7 @@ from .errors import DietpruneError
 from .merge import MERGES, check_sparsity, keep_count, merge
 from .profile import DEFAULT_TAP, TAPS
 from .repair import REPAIRS
-from .tasks import DIET_TASKS
+from .tasks import DIET_TASKS, task_tuple
 
 CONFIG_VERSION = "1"
 
@@ -47,9 +47,7 @@ class PruneConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        self.tasks = tuple(self.tasks)
+        self.tasks = task_tuple(self.tasks)
         check_sparsity(self.sparsity)
         if self.method not in METHODS:
             raise DietpruneError(f"unknown method '{self.method}'; choose from {', '.join(sorted(METHODS))}")

@@ -193,6 +193,13 @@ def get_task(spec: str) -> Task:
     return _REGISTRY[spec]
 
 
+def task_tuple(specs) -> tuple[str, ...]:
+    """'a,b' or an iterable of names -> a tuple of stripped, non-empty names (configs store this)."""
+    if isinstance(specs, str):
+        specs = specs.split(",")
+    return tuple(s.strip() for s in specs if s.strip())
+
+
 def parse_tasks(specs) -> list[Task]:
     """Tasks from 'a,b,name=file.jsonl', a list of such names, or Task objects."""
     if isinstance(specs, str):

@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DietpruneError
+from ..tasks import task_tuple
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 CRITERIA = ("ratio", "top")
@@ -62,9 +63,7 @@ class SparsifyConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        self.tasks = tuple(self.tasks)
+        self.tasks = task_tuple(self.tasks)
         if self.method not in METHODS:
             raise DietpruneError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
         nm = parse_pattern(self.pattern)
