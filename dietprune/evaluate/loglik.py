@@ -61,10 +61,19 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[t
         logits = head(hidden[start : start + HEAD_CHUNK]).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        logp = torch.log_softmax(logits, dim=-1)
-        tgt = targets[start : start + HEAD_CHUNK].to(logp.device)
-        lps.append(logp.gather(1, tgt[:, None])[:, 0])
-        greedy.append(logp.argmax(-1) == tgt)
+        tgt = targets[start : start + HEAD_CHUNK].to(logits.device)
+        picked = logits.gather(1, tgt[:, None])[:, 0]
+        top = logits.max(-1).values
+        # the target is the argmax when it reaches the maximum and no earlier index does too
+        is_max = picked >= top
+        if bool(is_max.any()):
+            rows = is_max.nonzero()[:, 0]
+            is_max[rows] = logits[rows].argmax(-1) == tgt[rows]
+        # log-softmax at the target only: x_t - (max + log sum exp(x - max)), the same formula
+        # torch's log_softmax evaluates, without writing a second vocabulary-sized tensor
+        lse = top + logits.sub_(top[:, None]).exp_().sum(-1).log()
+        lps.append(picked - lse)
+        greedy.append(is_max)
     if not lps:
         return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
     return torch.cat(lps).cpu(), torch.cat(greedy).cpu()
