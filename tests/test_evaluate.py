@@ -66,6 +66,44 @@ def test_gathered_scores_equal_full_logits(arch):
                 assert s.n_tokens == len(cont)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_scored_tails_equal_full_logits(arch):
+    """A shared prefix with per-continuation extra context (WinoGrande's layout) scores only the tails."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(5)
+    reqs = []
+    for _ in range(6):
+        prefix = tuple(torch.randint(3, 128, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist())
+        conts, scored = [], []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            extra = torch.randint(3, 128, (int(torch.randint(0, 5, (1,), generator=g)),), generator=g).tolist()
+            tail = torch.randint(3, 128, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+            conts.append(tuple(extra + tail))
+            scored.append(len(tail))
+        reqs.append(Request(prefix, tuple(conts), tuple(scored)))
+    for batch_size in (1, 3):
+        got = score_requests(model, reqs, batch_size=batch_size, show=False)
+        for req, scores in zip(reqs, got):
+            for cont, n, s in zip(req.continuations, req.scored, scores):
+                ref, greedy = full_logprobs_reference(model, list(req.context) + list(cont[:-n]), list(cont[-n:]))
+                assert s.loglik == pytest.approx(ref, abs=1e-4)
+                assert s.greedy == greedy
+                assert s.n_tokens == n
+
+
+def test_example_request_shares_the_common_prefix():
+    from dietprune.evaluate.runner import example_request
+
+    same = example_request([([1, 5, 6], [7]), ([1, 5, 6], [8, 9])])
+    assert same == Request((1, 5, 6), ((7,), (8, 9)), (1, 2))
+    wino = example_request([([1, 5, 6, 10], [20, 21]), ([1, 5, 6, 11, 12], [20, 21])])
+    assert wino == Request((1, 5, 6), ((10, 20, 21), (11, 12, 20, 21)), (2, 2))
+    # the prefix never reaches into a continuation, even when one context is a prefix of another
+    nested = example_request([([1, 5], [6, 7]), ([1, 5, 6], [7])])
+    assert nested == Request((1, 5), ((6, 7), (6, 7)), (2, 1))
+    assert example_request([([2, 5], [7]), ([3, 5], [7])]) is None
+
+
 def test_softcapping_applied():
     model = tiny_model("gemma2", final_logit_softcapping=0.5)  # a small cap makes a difference visible
     hidden = torch.randn(5, model.config.hidden_size)

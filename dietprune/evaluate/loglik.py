@@ -25,10 +25,19 @@ HEAD_CHUNK = 256
 
 @dataclass(frozen=True)
 class Request:
-    """``context`` ids (never empty) followed by each of ``continuations`` (never empty)."""
+    """``context`` ids (never empty) followed by each of ``continuations`` (never empty).
+
+    ``scored[i]`` (default: all) is how many trailing tokens of continuation i are scored; the
+    others are more context that only that continuation sees. This lets choices whose contexts
+    differ after a common prefix (WinoGrande's partial scoring) share the prefix's pass.
+    """
 
     context: tuple[int, ...]
     continuations: tuple[tuple[int, ...], ...]
+    scored: tuple[int, ...] | None = None
+
+    def n_scored(self, i: int) -> int:
+        return len(self.continuations[i]) if self.scored is None else self.scored[i]
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,11 @@ def _pad(seqs, pad_id, left: bool):
 
 @torch.no_grad()
 def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score]]:
+    """One batch: a pass over the contexts, then one over every continuation with a copied KV cache.
+
+    Token j of continuation c is predicted by the context's last hidden state (j = 0) or by the
+    second pass at position j - 1; only the scored (trailing) tokens go through lm_head.
+    """
     body, _, _ = decoder_parts(model)
     dev = _device(model)
     ctx_ids, ctx_mask = _pad([list(r.context) for r in requests], pad_id, left=True)
@@ -117,8 +131,10 @@ def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score
     # one row per (request, continuation); the cache is copied to match
     owner = [i for i, r in enumerate(requests) for _ in r.continuations]
     conts = [list(c) for r in requests for c in r.continuations]
-    hidden = [last[owner]]
-    targets = [torch.tensor([c[0] for c in conts], dtype=torch.long)]
+    first = [len(c) - r.n_scored(j) for r in requests for j, c in enumerate(r.continuations)]  # first scored j
+    from_ctx = [row for row, f in enumerate(first) if f == 0]
+    hidden = [last[[owner[row] for row in from_ctx]]]
+    targets = [torch.tensor([conts[row][0] for row in from_ctx], dtype=torch.long)]
     rest = [c[:-1] for c in conts]  # inputs of the second pass: every token but the last
     if max(len(s) for s in rest) > 0:
         cache = out.get("cache", None) or out.get("past_key_values", None)
@@ -128,23 +144,26 @@ def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score
         cpos = ctx_len[owner][:, None] + torch.arange(ids.shape[1])[None, :]
         out2 = body(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=cpos.to(dev),
                     use_cache=True, **{_cache_arg(body): cache})
-        sel = mask.bool()
+        sel = torch.zeros_like(mask, dtype=torch.bool)  # position j - 1 predicts token j
+        for row, (c, f) in enumerate(zip(conts, first)):
+            sel[row, max(f, 1) - 1 : len(c) - 1] = True
         hidden.append(out2.last_hidden_state[sel.to(dev)])
-        targets.append(torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long))
+        targets.append(torch.tensor([t for c, f in zip(conts, first) for t in c[max(f, 1):]], dtype=torch.long))
     del out
     lp, gr = head_logprobs(model, torch.cat(hidden), torch.cat(targets))
 
-    # regroup: the first-token block holds one entry per row, the second block the rest in row order
-    n_rows = len(conts)
-    first_lp, first_gr = lp[:n_rows], gr[:n_rows]
+    # regroup: the first block holds rows scored from the context pass, the second the rest in row order
+    head_of = {row: k for k, row in enumerate(from_ctx)}
     results: list[list[Score]] = [[] for _ in requests]
-    offset = n_rows
-    for row, c in enumerate(conts):
-        k = len(c) - 1
-        total = first_lp[row] + lp[offset : offset + k].sum()
-        greedy = bool(first_gr[row]) and bool(gr[offset : offset + k].all())
+    offset = len(from_ctx)
+    for row, (c, f) in enumerate(zip(conts, first)):
+        k = len(c) - max(f, 1)
+        total, greedy = lp[offset : offset + k].sum(), bool(gr[offset : offset + k].all())
+        if row in head_of:
+            total = lp[head_of[row]] + total
+            greedy = greedy and bool(gr[head_of[row]])
         offset += k
-        results[owner[row]].append(Score(float(total), greedy, len(c)))
+        results[owner[row]].append(Score(float(total), greedy, len(c) - f))
     return results
 
 
@@ -163,12 +182,15 @@ def score_requests(model, requests: list[Request], batch_size: int = 16, pad_id:
     for r in requests:
         if not r.context or not r.continuations or any(not c for c in r.continuations):
             raise DietpruneError("internal: a scoring request needs a context and non-empty continuations")
+        if r.scored is not None and (len(r.scored) != len(r.continuations) or any(
+                not 1 <= n <= len(c) for n, c in zip(r.scored, r.continuations))):
+            raise DietpruneError("internal: each continuation must score between 1 and all of its tokens")
         if max_length:
             keep = max_length + 1 - max(len(c) for c in r.continuations)
             if keep < 1:
                 raise DietpruneError(f"a continuation is longer than the model's {max_length}-token window")
             if len(r.context) > keep:
-                r = Request(r.context[-keep:], r.continuations)
+                r = Request(r.context[-keep:], r.continuations, r.scored)
         fixed.append(r)
     size = [len(r.context) + max(len(c) for c in r.continuations) for r in fixed]
     order = sorted(range(len(fixed)), key=lambda i: (-size[i], fixed[i].context))

@@ -85,6 +85,25 @@ def encode_choices(tokenizer, example, add_bos: bool) -> list[tuple[list[int], l
     return out
 
 
+def example_request(pairs: list[tuple[list[int], list[int]]]) -> Request | None:
+    """All choices of one example as one request sharing their longest common prefix.
+
+    The prefix is at most the shortest context, so every scored token stays in its own
+    continuation: choices with one context share exactly that context (one pass for all),
+    WinoGrande's option-filled contexts share the words before the blank. None when the
+    choices do not even share a first token.
+    """
+    seqs = [c + k for c, k in pairs]
+    n = min(len(c) for c, _ in pairs)
+    common = 0
+    while common < n and all(s[common] == seqs[0][common] for s in seqs):
+        common += 1
+    if common == 0:
+        return None
+    return Request(tuple(seqs[0][:common]), tuple(tuple(s[common:]) for s in seqs),
+                   tuple(len(k) for _, k in pairs))
+
+
 def _choice_chars(task: Task, example, i: int) -> int:
     """Length in characters of choice i as the harness normalises acc_norm."""
     if task.kind == "partial":  # the harness's choices are the option-filled contexts
@@ -97,21 +116,23 @@ def evaluate_choices(model, tokenizer, task: Task, rows: list[dict], batch_size:
                      progress: bool = True) -> TaskResult:
     add_bos = wants_bos(model)
     examples = [task.format(r) for r in rows]
-    requests, where = [], []  # where[e] = list of (request index, continuation index) per choice
+    reqs, where = [], []  # where[e] = list of (request index, continuation index) per choice
     for ex in examples:
-        pairs = encode_choices(tokenizer, ex, add_bos)
-        groups: dict[tuple[int, ...], int] = {}
+        req = example_request(encode_choices(tokenizer, ex, add_bos))
+        if req is not None:
+            where.append([(len(reqs), j) for j in range(len(req.continuations))])
+            reqs.append(req)
+            continue
+        groups: dict[tuple[int, ...], int] = {}  # no common first token: one request per context
         slots = []
-        for c, k in pairs:  # choices that share a context share a request (and one context pass)
-            key = tuple(c)
-            if key not in groups:
-                groups[key] = len(requests)
-                requests.append([key, []])
-            req = requests[groups[key]]
-            slots.append((groups[key], len(req[1])))
-            req[1].append(tuple(k))
+        for c, k in encode_choices(tokenizer, ex, add_bos):
+            if tuple(c) not in groups:
+                groups[tuple(c)] = len(reqs)
+                reqs.append(Request(tuple(c), ()))
+            r = groups[tuple(c)]
+            slots.append((r, len(reqs[r].continuations)))
+            reqs[r] = Request(reqs[r].context, reqs[r].continuations + (tuple(k),))
         where.append(slots)
-    reqs = [Request(c, tuple(ks)) for c, ks in requests]
     scores = score_requests(model, reqs, batch_size=batch_size, pad_id=_pad_id(tokenizer), desc=task.name,
                             show=progress, max_length=model_window(model))
     records = []
