@@ -61,7 +61,7 @@ LABELS = {"diet-norepair": ("diet", {"repair": "none"})}  # label -> (registry m
 HIDDEN_DIM = {"diet", "diet-norepair", "diet-mean", "diet-rank", "random", "magnitude", "agnostic"}
 
 FULL = dict(models="gemma3-270m,smollm2-135m", sparsities="0.1,0.2,0.3", methods=",".join(ALL_METHODS),
-            tasks=",".join(DIET_TASKS), limit=200, samples=100, ppl_tokens=0, seeds="0,1,2",
+            tasks=",".join(DIET_TASKS), limit=200, samples=100, ppl_tokens=16384, seeds="0,1,2",
             ablation_samples="10,25,50,100,200", ablation_taps=",".join(TAPS), study_sparsity=0.2,
             parts="main,seeds,ablations,sweep",
             out="bench/results/structured.json", cells_dir="bench/results/structured/cells",
@@ -685,7 +685,8 @@ def parse_args(argv=None):
     ap.add_argument("--tasks")
     ap.add_argument("--limit", type=int, help="examples per task (default 200)")
     ap.add_argument("--samples", type=int, help="calibration samples per task (default 100)")
-    ap.add_argument("--ppl-tokens", type=int, help="WikiText-2 tokens for perplexity; 0 = the full test text")
+    ap.add_argument("--ppl-tokens", type=int, help="WikiText-2 test tokens for perplexity (default 16384 = 8 windows of 2048; "
+                    "0 = the full test text, many times slower on a CPU)")
     ap.add_argument("--seeds", help="calibration seeds for the error bars (default 0,1,2)")
     ap.add_argument("--ablation-samples")
     ap.add_argument("--ablation-taps")
