@@ -400,6 +400,15 @@ def _ppl(x):
     return "–" if x is None else (f"{x:.1f}" if x < 1e4 else f"{x:.2e}")
 
 
+def _diet_defaults(cells: dict) -> str:
+    """Repair, tap and merge of the `diet` cells as recorded in them (the package defaults when they ran)."""
+    seen = sorted({(c["config"].get("repair"), c["config"].get("tap"), c["config"].get("merge"))
+                   for c in cells.values() if c["label"] == "diet" and not c["variant"] and "config" in c})
+    if not seen:
+        return "no diet cell yet"
+    return "; ".join(f"repair `{r}`, tap `{t}`, {m} merge" for r, t, m in seen)
+
+
 def render(state: dict) -> str:
     cfg, cells, der = state["setup"], state["cells"], state["derived"]
     sp0, tasks, tol = cfg["study_sparsity"], cfg["tasks"], cfg["flag_tolerance"]
@@ -428,7 +437,7 @@ def render(state: dict) -> str:
          "agnostic; parameter sparsity for wanda-sp, flap and shortgpt. **params −** is the parameter "
          "reduction achieved (`summary[\"param_reduction\"]`), measured the same way for all; ⚑ marks cells "
          f"more than {tol:.0%} off the target.",
-         "- `diet` uses the package defaults (repair `rms+ls`, tap `norm-out`, vote merge); `diet-norepair` is the "
+         f"- `diet` uses the package defaults ({_diet_defaults(cells)}); `diet-norepair` is the "
          "same mask with `repair=\"none\"`.",
          "- Commands:", ""]
     L += [f"      {c}" for c in cfg["commands"]] or ["      (none recorded)"]
