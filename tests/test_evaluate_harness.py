@@ -50,9 +50,27 @@ def test_smollm2_agrees_with_lm_eval(data_dir, tmp_path):
             assert ours["tasks"][task]["acc_norm"] == pytest.approx(theirs[task]["metrics"]["acc_norm"])
 
 
+@pytest.mark.slow
+def test_smollm2_wikitext_agrees_with_lm_eval(data_dir, tmp_path):
+    """Rolling log-likelihood of whole articles: word/byte perplexity as the harness's `wikitext` task."""
+    from dietprune.models import load
+
+    lm = load("smollm2-135m")
+    ours = evaluate(lm.model, lm.tokenizer, ["wikitext2"], limit=2, data_dir=data_dir, progress=False,
+                    log_samples=True)
+    theirs = run_harness(harness_lm(lm.model, lm.tokenizer, batch_size=4), ["wikitext2"], data_dir, 2,
+                         tmp_path)["wikitext2"]
+    lls = [r["loglik"] for r in ours["samples"]["wikitext2"]]
+    assert len(lls) == len(theirs["loglik"]) == 2
+    for a, (b,) in zip(lls, theirs["loglik"]):  # sums over thousands of tokens: float32 noise ~1e-6 relative
+        assert a == pytest.approx(b, rel=2e-5)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours["tasks"]["wikitext2"][metric] == pytest.approx(theirs["metrics"][metric], rel=1e-4)
+
+
 def test_harness_yaml_errors(tmp_path):
     with pytest.raises(DietpruneError, match="no harness counterpart"):
-        write_task_yamls(["wikitext2"], tmp_path, tmp_path / "w")
+        write_task_yamls(["mytask"], tmp_path, tmp_path / "w")
     with pytest.raises(DietpruneError, match="no local evaluation data"):
         write_task_yamls(["piqa"], tmp_path, tmp_path / "w")
 

@@ -7,7 +7,9 @@ prompts are the harness's, not re-typed ones. The harness is not patched.
 
 HellaSwag's local copy has ``ctx`` but no ``ctx_a``/``ctx_b``; a converted copy with
 ``ctx_a = ctx`` and ``ctx_b = ""`` is written into the work folder, which gives the harness's
-``process_docs`` the same query text as dietprune's formatter.
+``process_docs`` the same query text as dietprune's formatter. For ``wikitext2`` the harness's
+``wikitext`` task reads the articles dietprune rebuilds from the local rows
+(:func:`dietprune.evaluate.metrics.wikitext_documents`) as its ``page`` field.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ HARNESS_YAML = {
     "arc_challenge": "arc/arc_challenge.yaml",
     "openbookqa": "openbookqa/openbookqa.yaml",
     "piqa": "piqa/piqa.yaml",
+    "wikitext2": "wikitext/wikitext.yaml",
 }
 
 
@@ -61,6 +64,14 @@ def write_task_yamls(tasks: list[str], data_dir, workdir: str | os.PathLike) -> 
         src = root / name / task.local_files["eval"]
         if not src.is_file():
             raise DietpruneError(f"task '{name}' has no local evaluation data at {src}")
+        if name == "wikitext2":  # the harness reads document-level pages: give it dietprune's rebuilt articles
+            from .metrics import wikitext_documents
+
+            rows = [json.loads(line)["text"] for line in src.open(encoding="utf-8") if line.strip()]
+            conv = work / "wikitext2_pages.jsonl"
+            conv.write_text("".join(json.dumps({"page": d}) + "\n" for d in wikitext_documents(rows)),
+                            encoding="utf-8")
+            src = conv
         if name == "hellaswag":
             conv = work / "hellaswag_eval.jsonl"
             with src.open(encoding="utf-8") as fin, conv.open("w", encoding="utf-8") as fout:
@@ -114,8 +125,12 @@ def run_harness(lm, tasks: list[str], data_dir, limit: int | None, workdir) -> d
                                       log_samples=True, bootstrap_iters=0, verbosity="ERROR")
         seconds = time.perf_counter() - t0
         samples = sorted(res["samples"][hname], key=lambda s: s["doc_id"])
-        lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-        greedy = [[bool(r[1]) for r in s["filtered_resps"]] for s in samples]
+        if name == "wikitext2":  # loglikelihood_rolling: one number per document
+            lls = [[float(s["filtered_resps"][0])] for s in samples]
+            greedy = [[None] for _ in samples]
+        else:
+            lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+            greedy = [[bool(r[1]) for r in s["filtered_resps"]] for s in samples]
         metrics = {k.split(",")[0]: v for k, v in res["results"][hname].items() if k.endswith(",none")}
         out[name] = {"metrics": metrics, "loglik": lls, "greedy": greedy, "seconds": seconds,
                      "acc": [s.get("acc") for s in samples], "acc_norm": [s.get("acc_norm") for s in samples]}
