@@ -8,7 +8,10 @@ Every cell is one (model, method, sparsity, seed, variant): prune a fresh copy o
 with ``dietprune.prune`` (calibration from the tasks' calib split, as the package does),
 evaluate the seven tasks' eval split with a fixed ``--limit`` and measure WikiText-2 token
 perplexity. Each finished cell is written atomically to its own JSON under ``--cells-dir``
-and skipped on rerun (when its evaluation settings match), so an interrupted study resumes.
+and skipped on rerun (when its evaluation settings match), so an interrupted study resumes;
+the cells are committed to the repository, so it resumes on another machine too. A cell records
+the prune config it ran with: a change of package defaults does not invalidate old cells, so
+delete the affected cells (or use another ``--cells-dir``) after changing a default.
 
 Plan, in this order, so that a partial run holds the headline numbers first:
 
