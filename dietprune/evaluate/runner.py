@@ -118,14 +118,15 @@ def evaluate_choices(model, tokenizer, task: Task, rows: list[dict], batch_size:
     examples = [task.format(r) for r in rows]
     reqs, where = [], []  # where[e] = list of (request index, continuation index) per choice
     for ex in examples:
-        req = example_request(encode_choices(tokenizer, ex, add_bos))
+        pairs = encode_choices(tokenizer, ex, add_bos)
+        req = example_request(pairs)
         if req is not None:
             where.append([(len(reqs), j) for j in range(len(req.continuations))])
             reqs.append(req)
             continue
         groups: dict[tuple[int, ...], int] = {}  # no common first token: one request per context
         slots = []
-        for c, k in encode_choices(tokenizer, ex, add_bos):
+        for c, k in pairs:
             if tuple(c) not in groups:
                 groups[tuple(c)] = len(reqs)
                 reqs.append(Request(tuple(c), ()))
