@@ -65,9 +65,10 @@ def write_task_yamls(tasks: list[str], data_dir, workdir: str | os.PathLike) -> 
         if not src.is_file():
             raise DietpruneError(f"task '{name}' has no local evaluation data at {src}")
         if name == "wikitext2":  # the harness reads document-level pages: give it dietprune's rebuilt articles
+            from ..data import load_rows
             from .metrics import wikitext_documents
 
-            rows = [json.loads(line)["text"] for line in src.open(encoding="utf-8") if line.strip()]
+            rows = [r["text"] for r in load_rows(task, "eval", root)]  # as evaluate_wikitext reads them
             conv = work / "wikitext2_pages.jsonl"
             conv.write_text("".join(json.dumps({"page": d}) + "\n" for d in wikitext_documents(rows)),
                             encoding="utf-8")
