@@ -81,10 +81,16 @@ def evaluate_cell(model, tokenizer, args) -> dict:
 
     t0 = time.perf_counter()
     res = evaluate(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.data_dir, batch_size=args.batch_size,
-                   progress=False)
+                   progress=False, log_samples=True)
     ppl = perplexity(model, tokenizer, data_dir=args.data_dir, max_tokens=args.ppl_tokens or None,
                      window=args.ppl_window)
-    return {"tasks": res["tasks"], "wikitext2_ppl": ppl, "eval_seconds": round(time.perf_counter() - t0, 1)}
+    # per-example correctness of the headline metric ("0"/"1" per row), for paired comparisons of cells
+    correct = {}
+    for task, records in res["samples"].items():
+        key = "pred_norm" if HEADLINE.get(task, "acc") == "acc_norm" else "pred"
+        correct[task] = "".join("1" if r[key] == r["gold"] else "0" for r in records)
+    return {"tasks": res["tasks"], "correct": correct, "wikitext2_ppl": ppl,
+            "eval_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run_cell(lm, args, settings) -> dict:
@@ -136,7 +142,74 @@ def write_outputs(records: list[dict], args, out: Path) -> None:
         row += [f"{100 * v:.1f}" if v is not None else "" for v in vals]
         row += [f"{100 * mean:.1f}" if mean is not None else "", f"{rec['wikitext2_ppl']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += fusion_effect(records, tasks)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def mean_and_se(rec: dict, tasks: list[str]) -> tuple[float, float] | None:
+    """Mean headline accuracy over the tasks and its standard error (tasks independent)."""
+    accs = headline(rec)
+    if any(accs.get(t) is None for t in tasks):
+        return None
+    metric = {t: HEADLINE.get(t, "acc") for t in tasks}
+    var = sum(rec["tasks"][t].get(f"{metric[t]}_stderr", 0.0) ** 2 for t in tasks)
+    return sum(accs[t] for t in tasks) / len(tasks), var ** 0.5 / len(tasks)
+
+
+def paired_se(a: dict, b: dict, tasks: list[str]) -> float | None:
+    """Standard error of mean(b) - mean(a) over the tasks from per-example correctness (same rows)."""
+    ca, cb = a.get("correct"), b.get("correct")
+    if not ca or not cb or any(t not in ca or t not in cb or len(ca[t]) != len(cb[t]) for t in tasks):
+        return None
+    var = 0.0
+    for t in tasks:
+        d = [int(y) - int(x) for x, y in zip(ca[t], cb[t])]
+        n = len(d)
+        if n < 2:
+            return None
+        m = sum(d) / n
+        var += sum((v - m) ** 2 for v in d) / (n - 1) / n
+    return var ** 0.5 / len(tasks)
+
+
+def fusion_effect(records: list[dict], tasks: list[str]) -> list[str]:
+    """Fused minus plain, per (model, method, pattern) where both cells exist."""
+    by_key = {}
+    for rec in records:
+        s = rec["settings"]
+        if s["method"] != "dense":
+            by_key.setdefault((s["model"], s["method"], s["pattern"]), {})[bool(s["fuse"])] = rec
+    rows = []
+    for (model, method, pattern), pair in by_key.items():
+        if False not in pair or True not in pair:
+            continue
+        plain, fused = mean_and_se(pair[False], tasks), mean_and_se(pair[True], tasks)
+        if plain is None or fused is None:
+            continue
+        diff = fused[0] - plain[0]
+        se = paired_se(pair[False], pair[True], tasks)
+        if se is None:
+            se = (plain[1] ** 2 + fused[1] ** 2) ** 0.5
+        pp, fp = pair[False]["wikitext2_ppl"], pair[True]["wikitext2_ppl"]
+        excl = pair[True].get("exclusive_fraction_mean")
+        rows.append((model, method, pattern, plain[0], fused[0], diff, se, pp, fp, excl))
+    if not rows:
+        return []
+    out = ["", "### Fusion effect (fused minus plain, same method and pattern)", "",
+           "Both cells score the same rows, so the standard error of the difference is paired: per task, the"
+           " spread of (fused correct - plain correct) over the rows; tasks treated as independent.", "",
+           "| model | method | pattern | plain mean acc | fused mean acc | fused - plain (points) | plain ppl"
+           " | fused ppl | exclusive channels |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, method, pattern, pa, fa, diff, se, pp, fp, excl in rows:
+        ex = f"{100 * excl:.1f}%" if excl is not None else ""
+        out.append(f"| {model} | {method} | {pattern} | {100 * pa:.1f} | {100 * fa:.1f} | {100 * diff:+.1f} ± {100 * se:.1f}"
+                   f" | {pp:.2f} | {fp:.2f} | {ex} |")
+    wins = sum(r[5] > 0 for r in rows)
+    mean_diff = sum(r[5] for r in rows) / len(rows)
+    ppl_better = sum(r[8] < r[7] for r in rows)
+    out += ["", f"Fusion raised mean accuracy in {wins} of {len(rows)} pairs (average change {100 * mean_diff:+.2f}"
+                f" points) and lowered perplexity in {ppl_better} of {len(rows)}."]
+    return out
 
 
 def main(argv=None) -> int:
