@@ -17,7 +17,9 @@ def _seqs(n=6, seed=0):
 @pytest.mark.parametrize("tap", ["residual", "norm-out", "write"])
 def test_shards_merge_exactly(tap):
     model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
-    cfg = ProfileConfig(tap=tap, batch_size=4)
+    # batch size 1: every sequence runs alone in both cases, so the only difference is how the float64
+    # sums are grouped (a float32 forward is not batch-invariant: other padding moves results by ~1e-7)
+    cfg = ProfileConfig(tap=tap, batch_size=1)
     seqs = _seqs(7)
     whole = collect(model, tok, seqs, cfg)
     parts = collect(model, tok, seqs[:3], cfg) + collect(model, tok, seqs[3:], cfg)
