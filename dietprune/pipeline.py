@@ -234,15 +234,17 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         selection.apply(net)
     else:
         repair_prof = selection.repair_profile if selection.repair_profile is not None else prof
-        if use_rms:
-            repair_info["rms_factors"] = rms_correct_(net, kept, repair_prof.norms, adapter)
-        if use_ls:
-            ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter)
         if use_refit:
+            # the targets are the dense model's norm outputs, so they are read before the RMS correction
+            # rescales the norm gains (afterwards they would be the dense outputs times that factor)
             from .refit import capture_norm_outputs, fit_batch, reader_weights
 
             fit = fit_batch(net, lm.tokenizer, examples, config.fit_samples, config.fit_max_length, config.seed)
             targets, dense_weights = capture_norm_outputs(net, *fit, adapter=adapter), reader_weights(net, adapter)
+        if use_rms:
+            repair_info["rms_factors"] = rms_correct_(net, kept, repair_prof.norms, adapter)
+        if use_ls:
+            ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter)
         prune_hidden_(net, kept, adapter)
         if use_refit:
             from .refit import refit_readers_

@@ -3,10 +3,12 @@ import copy
 import pytest
 import torch
 
+from dietprune.pipeline import prune
+from dietprune.profile import ProfileConfig, profile
 from dietprune.refit import capture_norm_outputs, reader_weights, refit_readers_, solve_refit, moments
 from dietprune.repair import ls_map, rms_ratio
 from dietprune.surgery import prune_hidden_
-from tiny import tiny_model
+from tiny import tiny_model, tiny_tokenizer
 
 
 def test_rms_ratio_restores_scale():
@@ -60,3 +62,28 @@ def test_refit_brings_pruned_model_closer_to_dense(arch):
                                           reduction="batchmean").item()
 
     assert kl_to_dense(refit) < 0.9 * kl_to_dense(plain)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama"])
+def test_rms_then_refit_targets_the_dense_outputs(arch, data_dir):
+    """The re-fit absorbs any rescaling of its input, so the first block's readers must give the same
+    outputs with and without the RMS correction. Targets read after the correction would be the
+    dense outputs times the correction factor, and these outputs would differ by that factor."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    kw = dict(tokenizer=tok, tasks="boolq,arc_easy", sparsity=0.25, data_dir=data_dir, samples=6, batch_size=4,
+              max_length=32, fit_samples=12, refit_ridge=1e-9)
+    plain = prune(model, repair="refit", **kw).model
+    with_rms = prune(model, repair="rms+refit", **kw).model
+    kept = prune(model, repair="none", **kw).kept
+    prof = profile(model, tok, "boolq,arc_easy", ProfileConfig(samples=6, batch_size=4, max_length=32), data_dir=data_dir)
+    factor = rms_ratio(prof.norms.in_sq[0, 0], kept)
+    assert abs(factor - 1) > 0.02, "test needs a mask whose RMS correction is not the identity"
+    ids = torch.randint(4, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def q_out(m):
+        layer = m.model.layers[0]
+        return layer.self_attn.q_proj(layer.input_layernorm(m.model.embed_tokens(ids)))
+
+    a, b = q_out(with_rms), q_out(plain)
+    rel = float((a - b).norm() / b.norm())
+    assert rel < 0.2 * abs(factor - 1), (rel, factor)
