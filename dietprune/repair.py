@@ -8,7 +8,9 @@ Both repairs change weights of the *full* model given the kept indices, before s
   kept coordinates come out at the scale the full model produced.
 - ``ls_compensate_``: the removed coordinates of a norm output are predicted linearly from the
   kept ones, y_r ≈ A y_k with A = G_rk (G_kk + λI)⁻¹ from the calibration Gram matrix G, and A
-  is folded into every projection that reads that norm: W_k ← W_k + W_r A.
+  is folded into every projection that reads that norm: W_k ← W_k + W_r A. An untied lm_head
+  reads the final norm and gets the same fold; a tied one is left alone, because the fold would
+  also change the input embedding (untying it would cost vocab × kept parameters).
 """
 
 from __future__ import annotations
@@ -122,3 +124,11 @@ def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge
             for lin_name in adapter.norm_readers[norm_name]:
                 lin = get_module(block, lin_name)
                 lin.weight.data.copy_(ls_fold(lin.weight.data, a, kept, removed))
+    if head_foldable(model, adapter, norms):
+        head = adapter.output_head(model)
+        head.weight.data.copy_(ls_fold(head.weight.data, ls_map(norms.final_gram, kept, removed, ridge), kept, removed))
+
+
+def head_foldable(model: nn.Module, adapter: ModelAdapter, norms: NormStats) -> bool:
+    """The least-squares fold reaches lm_head: it is untied and the final norm's Gram matrix is known."""
+    return not adapter.tied(model) and norms.final_gram is not None

@@ -478,7 +478,7 @@ def stream_checkpoint(model: nn.Module, ckpt: Checkpoint, kept: torch.Tensor, fo
     The same steps as the in-memory path (rms_correct_, ls_compensate_, prune_hidden_, cast),
     tensor by tensor. Returns {"params_after": ...}.
     """
-    from .repair import complement, ls_fold, ls_map, rescale_gain, rms_factor_for
+    from .repair import complement, head_foldable, ls_fold, ls_map, rescale_gain, rms_factor_for
     from .surgery import check_kept, cut_config_, slice_tensor
 
     adapter = adapter_for(model)
@@ -521,6 +521,11 @@ def stream_checkpoint(model: nn.Module, ckpt: Checkpoint, kept: torch.Tensor, fo
                         ls_cache.clear()
                         ls_cache[(layer, j)] = ls_map(norms.gram[layer, j], kept, removed, ridge)
                     t = ls_fold(t, ls_cache[(layer, j)], kept, removed)
+        if ls and role == "lm_head" and inner == "weight" and len(removed) and head_foldable(model, adapter, norms):
+            if "head" not in ls_cache:
+                ls_cache.clear()
+                ls_cache["head"] = ls_map(norms.final_gram, kept, removed, ridge)
+            t = ls_fold(t, ls_cache["head"], kept, removed)
         t = slice_tensor(adapter, name, t, kept, d, tied)
         return t.to(_out_dtype(t.dtype, dtype))
 

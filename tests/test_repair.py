@@ -87,3 +87,33 @@ def test_rms_then_refit_targets_the_dense_outputs(arch, data_dir):
     a, b = q_out(with_rms), q_out(plain)
     rel = float((a - b).norm() / b.norm())
     assert rel < 0.2 * abs(factor - 1), (rel, factor)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_ls_folds_into_an_untied_lm_head_only(arch):
+    """Removed final-norm outputs that are linear in the kept ones are recovered exactly by an untied
+    lm_head; a tied lm_head (it is the input embedding) is left alone."""
+    from dietprune.adapters import adapter_for
+    from dietprune.repair import ls_compensate_
+    from dietprune.stats import NormStats
+
+    model = tiny_model(arch)
+    ad = adapter_for(model)
+    d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
+    kept, removed = torch.arange(0, d, 2), torch.arange(1, d, 2)
+    g = torch.Generator().manual_seed(3)
+    yk = torch.randn(400, len(kept), generator=g, dtype=torch.float64)
+    b = torch.randn(len(removed), len(kept), generator=g, dtype=torch.float64)
+    y = torch.empty(400, d, dtype=torch.float64)
+    y[:, kept], y[:, removed] = yk, yk @ b.T
+    eye = torch.eye(d, dtype=torch.float64)
+    norms = NormStats(torch.ones(n_layers, len(ad.residual_norms), d, dtype=torch.float64),
+                      torch.ones(d, dtype=torch.float64), 400,
+                      eye.expand(n_layers, len(ad.reader_norms()), d, d).clone(), y.T @ y)
+    head = ad.output_head(model).weight.detach().clone()
+    ls_compensate_(model, kept, norms, ridge=1e-12)
+    new = ad.output_head(model).weight.detach()
+    if ad.tied(model):
+        assert torch.equal(new, head)
+    else:
+        torch.testing.assert_close(yk.float() @ new[:, kept].T, y.float() @ head.T, rtol=1e-3, atol=1e-3)
