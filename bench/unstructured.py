@@ -6,6 +6,7 @@ bench/results/unstructured.json and bench/results/unstructured.md.
 
     python bench/unstructured.py --models smollm2-135m --limit 50
     python bench/unstructured.py --models smollm2-135m,gemma3-270m --methods wanda,sparsegpt --patterns 2:4
+    python bench/unstructured.py --render-only    # table and JSON from the cached cells, missing ones listed
 
 Calibration: `--samples` windows of `--seqlen` tokens of wikitext2 calib.jsonl (general), and with
 fusion `--task-samples` calib examples of each of the seven tasks. Evaluation: the first `--limit`
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--no-dense", action="store_true", help="skip the unpruned reference row")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="unstructured", help="base name of the table/JSON files")
+    p.add_argument("--render-only", action="store_true",
+                   help="write the table and JSON from the cached cells of the plan; run nothing, list what is missing")
     return p.parse_args(argv)
 
 
@@ -123,7 +126,7 @@ def headline(rec: dict) -> dict:
     return {t: m.get(HEADLINE.get(t, "acc"), m.get("acc")) for t, m in rec["tasks"].items()}
 
 
-def write_outputs(records: list[dict], args, out: Path) -> None:
+def write_outputs(records: list[dict], args, out: Path, missing: list[dict] | None = None) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "cells": records}, indent=2))
     head = ["model", "method", "pattern", "fusion", "sparsity"] + tasks + ["mean acc", "wikitext2 ppl"]
@@ -143,6 +146,9 @@ def write_outputs(records: list[dict], args, out: Path) -> None:
         row += [f"{100 * mean:.1f}" if mean is not None else "", f"{rec['wikitext2_ppl']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines += fusion_effect(records, tasks)
+    if missing:
+        lines += ["", "Not run (no cached cell): " + ", ".join(
+            f"{m['model']} {m['method']} {m['pattern']} {'fused' if m['fuse'] else 'plain'}" for m in missing) + "."]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -235,6 +241,13 @@ def main(argv=None) -> int:
         if cached is None:
             todo.append(s)
     print(f"{len(plan)} cells, {len(plan) - len(todo)} cached, {len(todo)} to run", flush=True)
+    if args.render_only:
+        for s in todo:
+            print(f"missing: {cell_path(out, s).name}")
+        records = [c for s in plan if (c := load_cached(cell_path(out, s), s)) is not None]
+        write_outputs(records, args, out, missing=todo)
+        print((out / f"{args.name}.md").read_text())
+        return 0
     lm, lm_name, durations = None, None, []
     for s in plan:
         path = cell_path(out, s)
