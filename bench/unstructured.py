@@ -235,23 +235,19 @@ def main(argv=None) -> int:
             for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
                 for fuse in fusions:
                     plan.append(cell_settings(args, model, method, pattern, fuse))
-    records, todo = [], []
-    for s in plan:
-        cached = load_cached(cell_path(out, s), s)
-        if cached is None:
-            todo.append(s)
+    cached_cells = [load_cached(cell_path(out, s), s) for s in plan]
+    todo = [s for s, c in zip(plan, cached_cells) if c is None]
     print(f"{len(plan)} cells, {len(plan) - len(todo)} cached, {len(todo)} to run", flush=True)
     if args.render_only:
         for s in todo:
             print(f"missing: {cell_path(out, s).name}")
-        records = [c for s in plan if (c := load_cached(cell_path(out, s), s)) is not None]
-        write_outputs(records, args, out, missing=todo)
+        write_outputs([c for c in cached_cells if c is not None], args, out, missing=todo)
         print((out / f"{args.name}.md").read_text())
         return 0
+    records: list[dict] = []
     lm, lm_name, durations = None, None, []
-    for s in plan:
+    for s, cached in zip(plan, cached_cells):
         path = cell_path(out, s)
-        cached = load_cached(path, s)
         if cached is not None:
             records.append(cached)
             continue

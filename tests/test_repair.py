@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from dietprune.pipeline import prune
-from dietprune.profile import ProfileConfig, profile
 from dietprune.refit import capture_norm_outputs, reader_weights, refit_readers_, solve_refit, moments
 from dietprune.repair import ls_map, rms_ratio
 from dietprune.surgery import prune_hidden_
@@ -72,11 +71,10 @@ def test_rms_then_refit_targets_the_dense_outputs(arch, data_dir):
     model, tok = tiny_model(arch), tiny_tokenizer()
     kw = dict(tokenizer=tok, tasks="boolq,arc_easy", sparsity=0.25, data_dir=data_dir, samples=6, batch_size=4,
               max_length=32, fit_samples=12, refit_ridge=1e-9)
-    plain = prune(model, repair="refit", **kw).model
+    res = prune(model, repair="refit", **kw)
+    plain = res.model
     with_rms = prune(model, repair="rms+refit", **kw).model
-    kept = prune(model, repair="none", **kw).kept
-    prof = profile(model, tok, "boolq,arc_easy", ProfileConfig(samples=6, batch_size=4, max_length=32), data_dir=data_dir)
-    factor = rms_ratio(prof.norms.in_sq[0, 0], kept)
+    factor = rms_ratio(res.profile.norms.in_sq[0, 0], res.kept)
     assert abs(factor - 1) > 0.02, "test needs a mask whose RMS correction is not the identity"
     ids = torch.randint(4, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
