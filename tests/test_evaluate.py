@@ -66,6 +66,29 @@ def test_gathered_scores_equal_full_logits(arch):
                 assert s.n_tokens == len(cont)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen2"])
+def test_packed_rows_equal_full_logits(arch, attn):
+    """Every choice in one row behind a 4-D mask == each choice scored on its own; rows wider than
+    the sliding window take the two-pass path instead."""
+    from dietprune.evaluate.loglik import _packed_width, _packs
+
+    model = tiny_model(arch, sliding_window=48) if arch == "gemma3_text" else tiny_model(arch)
+    model.set_attn_implementation(attn)
+    reqs = [r for r in _random_requests(12, seed=11) if sum(len(c) > 1 for c in r.continuations) > 1]
+    assert len(reqs) >= 4
+    wide = Request(tuple(range(3, 60)), ((5, 6), (7, 8)))
+    packed = [_packs(model, r) for r in reqs + [wide]]
+    assert all(packed[:-1]) and packed[-1] == (arch != "gemma3_text") and _packed_width(wide) == 59
+    for batch_size in (1, 5):
+        got = score_requests(model, reqs + [wide], batch_size=batch_size, show=False)
+        for req, scores in zip(reqs + [wide], got):
+            for cont, s in zip(req.continuations, scores):
+                ref, greedy = full_logprobs_reference(model, list(req.context), list(cont))
+                assert s.loglik == pytest.approx(ref, abs=1e-4)
+                assert s.greedy == greedy
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_scored_tails_equal_full_logits(arch):
     """A shared prefix with per-continuation extra context (WinoGrande's layout) scores only the tails."""
@@ -114,6 +137,19 @@ def test_softcapping_applied():
     assert torch.allclose(lp, ref, atol=1e-5)
     plain = torch.log_softmax(model.lm_head(hidden), -1).gather(1, tgt[:, None])[:, 0]
     assert not torch.allclose(lp, plain, atol=1e-3)
+
+
+def test_head_chunks_do_not_change_scores(monkeypatch):
+    import dietprune.evaluate.loglik as loglik
+
+    model = tiny_model("llama")
+    hidden, tgt = torch.randn(10, model.config.hidden_size), torch.randint(0, 128, (10,))
+    whole = head_logprobs(model, hidden, tgt)
+    monkeypatch.setattr(loglik, "HEAD_CHUNK_ELEMENTS", 3 * 128)  # chunks of 3 rows: 3 + 3 + 3 + 1
+    chunked = head_logprobs(model, hidden, tgt)
+    assert torch.allclose(whole[0], chunked[0], atol=1e-6) and torch.equal(whole[1], chunked[1])
+    ref = torch.log_softmax(model.lm_head(hidden), -1).gather(1, tgt[:, None])[:, 0]
+    assert torch.allclose(chunked[0], ref, atol=1e-5)
 
 
 def test_long_context_left_truncated():

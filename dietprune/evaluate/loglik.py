@@ -1,10 +1,17 @@
 """Log-likelihood engine: score continuation tokens without full-vocabulary logits everywhere.
 
-A request is one context (token ids) with one or more continuations. The decoder body runs
-once over the contexts of a batch (left-padded, explicit position ids), its KV cache is copied
-once per continuation, and a second pass reads the continuations. Only the hidden states that
-predict a continuation token go through ``lm_head`` (plus Gemma-2's final logit soft-capping)
-and a log-softmax over the vocabulary. The numbers are those of a plain
+A request is one context (token ids) with one or more continuations. Two ways to run the
+decoder body over a batch, with the same numbers:
+
+* packed (several continuations, the whole row within the attention window): one row per
+  request holds the context followed by every continuation, and a 4-D attention mask lets each
+  continuation see the context and its own earlier tokens only (position ids restart after the
+  context for each one). One pass, no padding between choices, no copied cache.
+* two passes (otherwise): the contexts of a batch (left-padded, explicit position ids), then
+  the continuations on a KV cache copied once per continuation.
+
+Only the hidden states that predict a continuation token go through ``lm_head`` (plus Gemma-2's
+final logit soft-capping) and a log-softmax over the vocabulary. The numbers are those of a plain
 ``log_softmax(model(ctx + cont).logits)`` read at the same positions, which is what
 lm-evaluation-harness computes.
 """
@@ -19,8 +26,9 @@ import torch
 from ..errors import DietpruneError
 from ..progress import progress
 
-#: Hidden vectors sent through lm_head at once (bounds memory with Gemma's 262k vocabulary).
-HEAD_CHUNK = 256
+#: Logits computed at once (rows x vocabulary; 2**27 float32 = 512 MiB, 512 rows of Gemma's 262k
+#: vocabulary). Bigger chunks keep the lm_head matmul efficient; this bounds the memory.
+HEAD_CHUNK_ELEMENTS = 2**27
 
 
 @dataclass(frozen=True)
@@ -62,15 +70,17 @@ def decoder_parts(model):
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of ``targets`` and whether each is the argmax, from final hidden states.
 
-    ``hidden``: (N, d) after the final norm; ``targets``: (N,). Works in chunks of HEAD_CHUNK rows.
+    ``hidden``: (N, d) after the final norm; ``targets``: (N,). Works in chunks of at most
+    HEAD_CHUNK_ELEMENTS logits.
     """
     _, head, cap = decoder_parts(model)
+    step = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     lps, greedy = [], []
-    for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = head(hidden[start : start + HEAD_CHUNK]).float()
+    for start in range(0, hidden.shape[0], step):
+        logits = head(hidden[start : start + step]).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        tgt = targets[start : start + HEAD_CHUNK].to(logits.device)
+        tgt = targets[start : start + step].to(logits.device)
         picked = logits.gather(1, tgt[:, None])[:, 0]
         top = logits.max(-1).values
         # the target is the argmax when it reaches the maximum and no earlier index does too
@@ -167,12 +177,92 @@ def _score_batch(model, requests: list[Request], pad_id: int) -> list[list[Score
     return results
 
 
+def _packed_width(r: Request) -> int:
+    """Length of a request's packed row: the context, then every continuation but its last token."""
+    return len(r.context) + sum(len(c) - 1 for c in r.continuations)
+
+
+def _packs(model, r: Request) -> bool:
+    """Whether ``r`` takes the packed path: two or more continuations longer than one token (else
+    the two-pass path copies nothing, and its plain causal mask is faster), an attention
+    implementation that reads a 4-D mask as given, and a row no longer than the sliding window
+    (if any), so the one mask is right for every layer."""
+    if sum(len(c) > 1 for c in r.continuations) < 2:
+        return False
+    if getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    window = getattr(model.config, "sliding_window", None)
+    return not window or _packed_width(r) <= window
+
+
+@torch.no_grad()
+def _score_packed(model, requests: list[Request], pad_id: int) -> list[list[Score]]:
+    """One pass over packed rows (see the module docstring); right-padded to the longest row."""
+    body, _, _ = decoder_parts(model)
+    dev = _device(model)
+    width = max(_packed_width(r) for r in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(requests), width), dtype=torch.long)
+    seg = torch.full((len(requests), width), -1, dtype=torch.long)  # 0: context, i + 1: continuation i, -1: pad
+    rows, cols, targets = [], [], []  # where each scored token is predicted, and the token
+    for b, r in enumerate(requests):
+        n = len(r.context)
+        ids[b, :n] = torch.tensor(r.context)
+        pos[b, :n] = torch.arange(n)
+        seg[b, :n] = 0
+        start = n
+        for i, c in enumerate(r.continuations):
+            k = len(c) - 1
+            if k:
+                ids[b, start : start + k] = torch.tensor(c[:-1])
+                pos[b, start : start + k] = torch.arange(n, n + k)
+                seg[b, start : start + k] = i + 1
+            for j in range(len(c) - r.n_scored(i), len(c)):  # token j is predicted at token j - 1
+                rows.append(b)
+                cols.append(n - 1 if j == 0 else start + j - 1)
+                targets.append(c[j])
+            start += k
+    q = torch.arange(width)
+    allowed = (q[None, :, None] >= q[None, None, :]) & (seg[:, None, :] >= 0) & (
+        (seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
+    allowed |= torch.eye(width, dtype=torch.bool)  # a pad query sees itself: no empty softmax row
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    out = body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False)
+    hidden = out.last_hidden_state[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]
+    lp, gr = head_logprobs(model, hidden, torch.tensor(targets, dtype=torch.long))
+    results, offset = [], 0
+    for r in requests:
+        scores = []
+        for i in range(len(r.continuations)):
+            k = r.n_scored(i)
+            scores.append(Score(float(lp[offset : offset + k].sum()), bool(gr[offset : offset + k].all()), k))
+            offset += k
+        results.append(scores)
+    return results
+
+
+def _batches(order: list[int], cost: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` with at most ``batch_size`` items and ``batch_size * 512`` cost."""
+    batches, cur, cur_tokens = [], [], 0
+    for i in order:
+        if cur and (len(cur) >= batch_size or cur_tokens + cost[i] > batch_size * 512):
+            batches.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(i)
+        cur_tokens += cost[i]
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def score_requests(model, requests: list[Request], batch_size: int = 16, pad_id: int = 0,
                    desc: str = "", show: bool = True, max_length: int | None = None) -> list[list[Score]]:
     """Scores of every continuation of every request, in input order.
 
-    Requests are batched by total length (longest first, so an out-of-memory error shows at
-    once); a batch holds at most ``batch_size`` requests and about ``batch_size * 512`` tokens.
+    Requests are batched by length (longest first, so an out-of-memory error shows at once),
+    packed ones apart from the others; a batch holds at most ``batch_size`` requests and about
+    ``batch_size * 512`` tokens.
     Contexts longer than ``max_length`` minus the longest continuation are left-truncated, as
     the harness does.
     """
@@ -192,23 +282,19 @@ def score_requests(model, requests: list[Request], batch_size: int = 16, pad_id:
             if len(r.context) > keep:
                 r = Request(r.context[-keep:], r.continuations, r.scored)
         fixed.append(r)
-    size = [len(r.context) + max(len(c) for c in r.continuations) for r in fixed]
-    order = sorted(range(len(fixed)), key=lambda i: (-size[i], fixed[i].context))
-    batches, cur, cur_tokens = [], [], 0
-    budget = batch_size * 512
-    for i in order:
-        cost = size[i] * len(fixed[i].continuations)
-        if cur and (len(cur) >= batch_size or cur_tokens + cost > budget):
-            batches.append(cur)
-            cur, cur_tokens = [], 0
-        cur.append(i)
-        cur_tokens += cost
-    if cur:
-        batches.append(cur)
+    packed = [_packs(model, r) for r in fixed]
+    size = [_packed_width(r) if p else len(r.context) + max(len(c) for c in r.continuations)
+            for r, p in zip(fixed, packed)]
+    cost = [s if p else s * len(r.continuations) for s, r, p in zip(size, fixed, packed)]
+    batches = []
+    for kind in (True, False):
+        order = sorted((i for i in range(len(fixed)) if packed[i] == kind), key=lambda i: (-size[i], fixed[i].context))
+        batches += [(kind, b) for b in _batches(order, cost, batch_size)]
     out: list[list[Score] | None] = [None] * len(fixed)
     bar = progress(batches, total=len(batches), desc=desc) if show else batches
-    for idx in bar:
-        for i, scores in zip(idx, _score_batch(model, [fixed[i] for i in idx], pad_id)):
+    for kind, idx in bar:
+        run = _score_packed if kind else _score_batch
+        for i, scores in zip(idx, run(model, [fixed[i] for i in idx], pad_id)):
             out[i] = scores
     return out  # type: ignore[return-value]
 
