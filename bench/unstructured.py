@@ -25,15 +25,12 @@ from pathlib import Path
 
 import torch
 
+from dietprune.evaluate.results import headline as headline_metric
 from dietprune.tasks import DIET_TASKS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # lm-eval's usual headline metric per task: acc_norm where the harness defines it, else acc
-HEADLINE = {"boolq": "acc", "rte": "acc", "winogrande": "acc", "hellaswag": "acc_norm", "arc_easy": "acc_norm",
-            "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -90,7 +87,7 @@ def evaluate_cell(model, tokenizer, args) -> dict:
     # per-example correctness of the headline metric ("0"/"1" per row), for paired comparisons of cells
     correct = {}
     for task, records in res["samples"].items():
-        key = "pred_norm" if HEADLINE.get(task, "acc") == "acc_norm" else "pred"
+        key = "pred_norm" if headline_metric(res["tasks"][task])[0] == "acc_norm" else "pred"
         correct[task] = "".join("1" if r[key] == r["gold"] else "0" for r in records)
     return {"tasks": res["tasks"], "correct": correct, "wikitext2_ppl": ppl,
             "eval_seconds": round(time.perf_counter() - t0, 1)}
@@ -123,7 +120,8 @@ def run_cell(lm, args, settings) -> dict:
 
 
 def headline(rec: dict) -> dict:
-    return {t: m.get(HEADLINE.get(t, "acc"), m.get("acc")) for t, m in rec["tasks"].items()}
+    """Headline accuracy per task (acc_norm where the task reports it, else acc)."""
+    return {t: headline_metric(m)[1] for t, m in rec["tasks"].items()}
 
 
 def write_outputs(records: list[dict], args, out: Path, missing: list[dict] | None = None) -> None:
@@ -157,7 +155,7 @@ def mean_and_se(rec: dict, tasks: list[str]) -> tuple[float, float] | None:
     accs = headline(rec)
     if any(accs.get(t) is None for t in tasks):
         return None
-    metric = {t: HEADLINE.get(t, "acc") for t in tasks}
+    metric = {t: headline_metric(rec["tasks"][t])[0] for t in tasks}
     var = sum(rec["tasks"][t].get(f"{metric[t]}_stderr", 0.0) ** 2 for t in tasks)
     return sum(accs[t] for t in tasks) / len(tasks), var ** 0.5 / len(tasks)
 
