@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from dietprune.adapters import adapter_for, get_module  # noqa: E402
 from dietprune.evaluate import perplexity  # noqa: E402
-from dietprune.merge import merge  # noqa: E402
+from dietprune.merge import jaccard, merge  # noqa: E402
 from dietprune.models import load  # noqa: E402
 from dietprune.profile import ProfileConfig, load_calibration  # noqa: E402
 from dietprune.profile import profile as run_profile  # noqa: E402
@@ -86,11 +86,6 @@ def obs_kept(model: nn.Module, norms, k: int, rel: bool, head: float, ridge: flo
             h[jx, jx] = 1.0  # removed: keep the diagonal finite, its cost is masked
         alive[jx] = False
     return alive.nonzero().flatten()
-
-
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    sa, sb = set(a.tolist()), set(b.tolist())
-    return len(sa & sb) / len(sa | sb)
 
 
 def main(argv=None) -> int:

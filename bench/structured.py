@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dietprune.evaluate.results import headline  # noqa: E402
+from dietprune.merge import jaccard  # noqa: E402
 from dietprune.profile import DEFAULT_TAP, TAPS  # noqa: E402
 from dietprune.tasks import DIET_TASKS  # noqa: E402
 
@@ -295,11 +296,6 @@ def fmt_time(s: float) -> str:
 
 
 # ---- derived numbers (from cells only) ------------------------------------------------------
-
-def jaccard(a, b) -> float:
-    a, b = set(a), set(b)
-    return len(a & b) / len(a | b) if a | b else 1.0
-
 
 def random_jaccard(k: int, d: int) -> float:
     """Expected Jaccard of two independent uniformly random k-subsets of d (≈, via expected overlap)."""

@@ -104,3 +104,10 @@ def merge(scores: torch.Tensor, sparsity: float, method: str = "vote", align: in
         order = order_by(-ranks(scores).mean(0), mean_norm)
     kept = torch.sort(order[:k]).values
     return MergeResult(kept=kept, votes=votes, task_masks=masks, method=method, k=k)
+
+
+def jaccard(a, b) -> float:
+    """Overlap |a ∩ b| / |a ∪ b| of two sets of kept dimensions (index tensors or sequences)."""
+    a = set(a.tolist() if isinstance(a, torch.Tensor) else a)
+    b = set(b.tolist() if isinstance(b, torch.Tensor) else b)
+    return len(a & b) / len(a | b) if a | b else 1.0

@@ -83,3 +83,11 @@ def test_non_finite_scores_rejected():
     s[1, 3] = float("nan")
     with pytest.raises(DietpruneError):
         merge(s, 0.2)
+
+
+def test_jaccard_of_kept_dimensions():
+    from dietprune.merge import jaccard
+
+    assert jaccard(torch.tensor([0, 1, 2, 3]), [2, 3, 4, 5]) == pytest.approx(2 / 6)
+    assert jaccard([1, 2], torch.tensor([2, 1])) == 1.0
+    assert jaccard([], []) == 1.0
