@@ -5,10 +5,12 @@ For each model and task, the first ``--limit`` local evaluation rows go through
 model, the harness's own task YAMLs pointed at the local JSONL files), one after the other, so
 both see the same machine load. Prints per-task seconds, the speed ratio (harness time / dietprune
 time), the share of identical predictions (acc and acc_norm argmax) and the largest
-log-likelihood difference; writes everything as JSON.
+log-likelihood difference, and the multiply-add "work ratio" the token layout allows
+(``work_estimate``); writes everything as JSON.
 
     python bench/eval_speed.py                       # default: both presets, 7 tasks, limit 10
     python bench/eval_speed.py --models smollm2-135m --limit 50 --tasks boolq,hellaswag
+    python bench/eval_speed.py --work-only           # add the work ratios to an existing results file
 
 Model loading is not timed. Both sides use the same batch size and a 2048-token window. Wall
 clock and process CPU time are both recorded: on a shared machine the CPU-time ratio is the
@@ -37,6 +39,64 @@ DEFAULT_LIMIT = 10  # keeps the default run (2 models x 7 tasks x 2 evaluators) 
 
 def _argmax(xs):
     return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+
+def work_estimate(model, tokenizer, task_name: str, limit: int, data_dir) -> dict:
+    """Multiply-adds each evaluator needs for a task's first ``limit`` rows, from the token layout.
+
+    Per token position the decoder body costs its linear weights (attention scores and padding
+    ignored, on both sides) and every lm_head row costs hidden x vocabulary. dietprune: packed
+    rows or context + continuation passes, lm_head at scored tokens only. The harness: one
+    sequence (context + continuation minus its last token) per distinct request, lm_head at
+    every position. The ratio is the speed-up the layout allows at equal arithmetic speed.
+    """
+    import torch
+
+    from dietprune.data import evaluation_rows
+    from dietprune.encoding import wants_bos
+    from dietprune.evaluate.loglik import _packed_width, _packs, decoder_parts
+    from dietprune.evaluate.runner import encode_choices, example_request
+    from dietprune.tasks import get_task
+
+    body, head, _ = decoder_parts(model)
+    per_token = sum(m.weight.numel() for m in body.modules() if isinstance(m, torch.nn.Linear))
+    per_row = head.weight.numel()
+    task = get_task(task_name)
+    ours_tokens = ours_rows = theirs_tokens = 0
+    for row in evaluation_rows(task, limit, data_dir):
+        pairs = encode_choices(tokenizer, task.format(row), wants_bos(model))
+        theirs_tokens += sum(len(seq) for seq in {tuple(c + k[:-1]) for c, k in pairs})
+        req = example_request(pairs)
+        reqs = [req] if req is not None else [example_request([p]) for p in pairs]
+        for r in reqs:
+            ours_rows += sum(r.n_scored(i) for i in range(len(r.continuations)))
+            ours_tokens += _packed_width(r) if _packs(model, r) else (
+                len(r.context) + sum(len(c) - 1 for c in r.continuations))
+    ours = ours_tokens * per_token + ours_rows * per_row
+    theirs = theirs_tokens * (per_token + per_row)
+    return {"dietprune_gmacs": round(ours / 1e9, 1), "harness_gmacs": round(theirs / 1e9, 1),
+            "work_ratio": round(theirs / ours, 2)}
+
+
+def total_work(per_task: dict) -> dict:
+    ours = sum(t["dietprune_gmacs"] for t in per_task.values())
+    theirs = sum(t["harness_gmacs"] for t in per_task.values())
+    return {"dietprune_gmacs": round(ours, 1), "harness_gmacs": round(theirs, 1), "work_ratio": round(theirs / ours, 2)}
+
+
+def add_work(path: Path, data_dir) -> None:
+    """Fill the multiply-add estimates into an existing results file (no timing; tokenizing only)."""
+    from dietprune.models import load
+
+    results = json.loads(path.read_text())
+    for spec, summary in results["models"].items():
+        lm = load(spec)
+        for task, entry in summary["tasks"].items():
+            entry.update(work_estimate(lm.model, lm.tokenizer, task, entry["n"], data_dir))
+        summary.update(total_work(summary["tasks"]))
+        print(f"{spec}: " + ", ".join(f"{t} x{e['work_ratio']}" for t, e in summary["tasks"].items())
+              + f"; all x{summary['work_ratio']} (measured wall x{summary['speedup']})", flush=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int, workdir: Path) -> dict:
@@ -75,6 +135,7 @@ def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int
             "identical_acc_norm_outcomes": (sum(float(a) == b for a, b in norm_pairs) / len(norm_pairs)
                                             if norm_pairs else None),
             "max_abs_loglik_diff": diff,
+            **work_estimate(lm.model, lm.tokenizer, task, limit, data_dir),
             "dietprune": {k: v for k, v in ours["tasks"][task].items() if k in ("acc", "acc_norm")},
             "harness": {k: v for k, v in theirs["metrics"].items() if k in ("acc", "acc_norm")},
         }
@@ -97,6 +158,7 @@ def run_model(spec: str, tasks: list[str], limit: int, data_dir, batch_size: int
         "max_abs_loglik_diff": max(t["max_abs_loglik_diff"] for t in per_task.values()),
         "torch_threads": torch.get_num_threads(), "tasks": per_task,
     }
+    summary.update(total_work(per_task))
     print(f"  => {spec}: wall dietprune {ours_total:.1f}s, harness {theirs_total:.1f}s, speed ratio x{summary['speedup']}; "
           f"cpu dietprune {ours_cpu_total:.1f}s, harness {theirs_cpu_total:.1f}s, ratio x{summary['speedup_cpu']}; "
           f"identical predictions {100 * summary['identical_predictions']:.1f}% of {n}", flush=True)
@@ -113,9 +175,14 @@ def main(argv=None) -> int:
                    "logits of Gemma take batch x length x 262144 floats)")
     p.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "eval_speed.json"))
+    p.add_argument("--work-only", action="store_true",
+                   help="only add the multiply-add estimates (no timing) to the existing --output file")
     args = p.parse_args(argv)
     if not args.data_dir:
         p.error("pass --data-dir or set DIETPRUNE_DATA_DIR (the benchmark reads local task data)")
+    if args.work_only:
+        add_work(Path(args.output), args.data_dir)
+        return 0
     import lm_eval
     import torch
     import transformers
