@@ -74,14 +74,13 @@ def work_estimate(model, tokenizer, task_name: str, limit: int, data_dir) -> dic
                 len(r.context) + sum(len(c) - 1 for c in r.continuations))
     ours = ours_tokens * per_token + ours_rows * per_row
     theirs = theirs_tokens * (per_token + per_row)
-    return {"dietprune_gmacs": round(ours / 1e9, 1), "harness_gmacs": round(theirs / 1e9, 1),
-            "work_ratio": round(theirs / ours, 2)}
+    return {"dietprune_macs": ours, "harness_macs": theirs, "work_ratio": round(theirs / ours, 2)}
 
 
 def total_work(per_task: dict) -> dict:
-    ours = sum(t["dietprune_gmacs"] for t in per_task.values())
-    theirs = sum(t["harness_gmacs"] for t in per_task.values())
-    return {"dietprune_gmacs": round(ours, 1), "harness_gmacs": round(theirs, 1), "work_ratio": round(theirs / ours, 2)}
+    ours = sum(t["dietprune_macs"] for t in per_task.values())
+    theirs = sum(t["harness_macs"] for t in per_task.values())
+    return {"dietprune_macs": ours, "harness_macs": theirs, "work_ratio": round(theirs / ours, 2)}
 
 
 def add_work(path: Path, data_dir) -> None:
@@ -92,7 +91,9 @@ def add_work(path: Path, data_dir) -> None:
     for spec, summary in results["models"].items():
         lm = load(spec)
         for task, entry in summary["tasks"].items():
+            entry.pop("dietprune_gmacs", None), entry.pop("harness_gmacs", None)
             entry.update(work_estimate(lm.model, lm.tokenizer, task, entry["n"], data_dir))
+        summary.pop("dietprune_gmacs", None), summary.pop("harness_gmacs", None)
         summary.update(total_work(summary["tasks"]))
         print(f"{spec}: " + ", ".join(f"{t} x{e['work_ratio']}" for t, e in summary["tasks"].items())
               + f"; all x{summary['work_ratio']} (measured wall x{summary['speedup']})", flush=True)
