@@ -1,20 +1,13 @@
 """bench/eval_speed.py's multiply-add count, checked against a hand count on a tiny model."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from benchload import load_bench
 from tiny import tiny_model, tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def es():
-    spec = importlib.util.spec_from_file_location("bench_eval_speed", ROOT / "bench" / "eval_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("eval_speed")
 
 
 @pytest.mark.parametrize("task_name", ["boolq", "arc_easy"])

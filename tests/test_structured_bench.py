@@ -1,21 +1,16 @@
 """bench/structured.py without a model: cell keys, plan, resumability, derived numbers, rendering."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchload import load_bench
 
 
 @pytest.fixture(scope="module")
 def sb():
-    spec = importlib.util.spec_from_file_location("bench_structured", ROOT / "bench" / "structured.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("structured")
 
 
 TASKS = ["boolq", "arc_easy"]
