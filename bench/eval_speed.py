@@ -45,8 +45,9 @@ def work_estimate(model, tokenizer, task_name: str, limit: int, data_dir) -> dic
     """Multiply-adds each evaluator needs for a task's first ``limit`` rows, from the token layout.
 
     Per token position the decoder body costs its linear weights (attention scores and padding
-    ignored, on both sides) and every lm_head row costs hidden x vocabulary. dietprune: packed
-    rows or context + continuation passes, lm_head at scored tokens only. The harness: one
+    ignored, on both sides) and every lm_head row costs hidden x vocabulary. dietprune: the
+    requests its evaluator builds, each position once (packed or in two passes, the same count),
+    lm_head at scored tokens only. The harness: one
     sequence (context + continuation minus its last token) per distinct request, lm_head at
     every position. The ratio is the speed-up the layout allows at equal arithmetic speed.
     """
@@ -54,24 +55,22 @@ def work_estimate(model, tokenizer, task_name: str, limit: int, data_dir) -> dic
 
     from dietprune.data import evaluation_rows
     from dietprune.encoding import wants_bos
-    from dietprune.evaluate.loglik import _packed_width, _packs, decoder_parts
-    from dietprune.evaluate.runner import encode_choices, example_request
+    from dietprune.evaluate.loglik import _packed_width, decoder_parts
+    from dietprune.evaluate.runner import choice_requests, encode_choices
     from dietprune.tasks import get_task
 
     body, head, _ = decoder_parts(model)
     per_token = sum(m.weight.numel() for m in body.modules() if isinstance(m, torch.nn.Linear))
     per_row = head.weight.numel()
     task = get_task(task_name)
-    ours_tokens = ours_rows = theirs_tokens = 0
-    for row in evaluation_rows(task, limit, data_dir):
-        pairs = encode_choices(tokenizer, task.format(row), wants_bos(model))
+    examples = [task.format(row) for row in evaluation_rows(task, limit, data_dir)]
+    theirs_tokens = 0
+    for ex in examples:
+        pairs = encode_choices(tokenizer, ex, wants_bos(model))
         theirs_tokens += sum(len(seq) for seq in {tuple(c + k[:-1]) for c, k in pairs})
-        req = example_request(pairs)
-        reqs = [req] if req is not None else [example_request([p]) for p in pairs]
-        for r in reqs:
-            ours_rows += sum(r.n_scored(i) for i in range(len(r.continuations)))
-            ours_tokens += _packed_width(r) if _packs(model, r) else (
-                len(r.context) + sum(len(c) - 1 for c in r.continuations))
+    reqs, _ = choice_requests(tokenizer, examples, wants_bos(model))
+    ours_tokens = sum(_packed_width(r) for r in reqs)
+    ours_rows = sum(r.n_scored(i) for r in reqs for i in range(len(r.continuations)))
     ours = ours_tokens * per_token + ours_rows * per_row
     theirs = theirs_tokens * (per_token + per_row)
     return {"dietprune_macs": ours, "harness_macs": theirs, "work_ratio": round(theirs / ours, 2)}
@@ -91,9 +90,7 @@ def add_work(path: Path, data_dir) -> None:
     for spec, summary in results["models"].items():
         lm = load(spec)
         for task, entry in summary["tasks"].items():
-            entry.pop("dietprune_gmacs", None), entry.pop("harness_gmacs", None)
             entry.update(work_estimate(lm.model, lm.tokenizer, task, entry["n"], data_dir))
-        summary.pop("dietprune_gmacs", None), summary.pop("harness_gmacs", None)
         summary.update(total_work(summary["tasks"]))
         print(f"{spec}: " + ", ".join(f"{t} x{e['work_ratio']}" for t, e in summary["tasks"].items())
               + f"; all x{summary['work_ratio']} (measured wall x{summary['speedup']})", flush=True)

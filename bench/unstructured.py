@@ -30,7 +30,8 @@ from dietprune.tasks import DIET_TASKS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-# lm-eval's usual headline metric per task: acc_norm where the harness defines it, else acc
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")

@@ -112,11 +112,11 @@ def _choice_chars(task: Task, example, i: int) -> int:
     return len(cont) - 1 if cont.startswith(" ") else len(cont)  # drop the target delimiter
 
 
-def evaluate_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 16,
-                     progress: bool = True) -> TaskResult:
-    add_bos = wants_bos(model)
-    examples = [task.format(r) for r in rows]
-    reqs, where = [], []  # where[e] = list of (request index, continuation index) per choice
+def choice_requests(tokenizer, examples, add_bos: bool) -> tuple[list[Request], list[list[tuple[int, int]]]]:
+    """The scoring requests of formatted examples, and per example the (request index,
+    continuation index) of each choice: one request per example sharing the choices' common
+    prefix, else one per distinct context."""
+    reqs, where = [], []
     for ex in examples:
         pairs = encode_choices(tokenizer, ex, add_bos)
         req = example_request(pairs)
@@ -134,6 +134,13 @@ def evaluate_choices(model, tokenizer, task: Task, rows: list[dict], batch_size:
             slots.append((r, len(reqs[r].continuations)))
             reqs[r] = Request(reqs[r].context, reqs[r].continuations + (tuple(k),))
         where.append(slots)
+    return reqs, where
+
+
+def evaluate_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int = 16,
+                     progress: bool = True) -> TaskResult:
+    examples = [task.format(r) for r in rows]
+    reqs, where = choice_requests(tokenizer, examples, wants_bos(model))
     scores = score_requests(model, reqs, batch_size=batch_size, pad_id=_pad_id(tokenizer), desc=task.name,
                             show=progress, max_length=model_window(model))
     records = []
