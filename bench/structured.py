@@ -272,6 +272,33 @@ def plan(cfg: dict, cells: dict) -> list[tuple[str, int, str | None]]:
     return [(p, k) for p, k in out]
 
 
+def eta_seconds(cells: dict, todo: list[str], unknown: int = 0) -> float | None:
+    """Time left for the cells in todo: each costs the median of its model's finished pruned cells.
+
+    `unknown` counts planned cells whose key is not known yet (seed cells of baselines still to be
+    ranked); they cost the median over all models.
+
+    The median (not the mean) because a cell run while the cores were shared can take 3-5x longer;
+    dense cells are left out because they evaluate the unpruned model. A model with no finished
+    pruned cell takes the median over all models; with none at all there is no estimate.
+    """
+    def median(xs):
+        return statistics.median(xs) if xs else None
+
+    pruned = [c for c in cells.values() if c["label"] != "dense"]
+    overall = median([c["seconds"]["total"] for c in pruned])
+    if unknown and overall is None:
+        return None
+    total = unknown * (overall or 0.0)
+    for key in todo:
+        model = key.split("|", 1)[0]
+        per = median([c["seconds"]["total"] for c in pruned if c["model"] == model]) or overall
+        if per is None:
+            return None
+        total += per
+    return total
+
+
 def load_cells(cells_dir: Path, settings: dict) -> tuple[dict, list[str]]:
     """Finished cells whose evaluation settings match; the keys of those that do not."""
     cells, stale = {}, []
@@ -799,12 +826,9 @@ def main(argv=None) -> int:
             break
         key = todo[0]
         spec = parse_key(key)
-        # ETA from the mean time of finished cells (this model's if any, else all)
-        same = [c["seconds"]["total"] for c in cells.values() if c["model"] == spec["model"]]
-        every = [c["seconds"]["total"] for c in cells.values()]
-        per = statistics.fmean(same or every) if (same or every) else None
         left = len(todo) + unknown
-        eta = f"~{fmt_time(per * left)} left for {left} cells" if per else f"{left} cells left, no timing yet"
+        secs = eta_seconds(cells, todo, unknown)
+        eta = f"~{fmt_time(secs)} left for {left} cells" if secs is not None else f"{left} cells left, no timing yet"
         print(f"[{len(cells)} done | {eta}] {key}", flush=True)
         if spec["model"] not in models:
             t0 = time.perf_counter()

@@ -84,6 +84,23 @@ def test_plan_order_and_strongest(sb, tmp_path):
     assert sb.cell_key("smollm2-135m", "diet", 0.2, 0, "tap=residual") in keys
 
 
+def test_eta_uses_each_models_median_of_pruned_cells(sb):
+    def timed(model, label, seed, total):
+        c = fake_cell(sb, model, label, 0.2 if label != "dense" else 0.0, seed=seed)
+        c["seconds"]["total"] = total
+        return c
+    cells = {str(i): c for i, c in enumerate([
+        timed("a", "dense", 0, 1000.0), timed("a", "diet", 0, 100.0), timed("a", "diet", 1, 120.0),
+        timed("a", "diet", 2, 900.0),  # run while the cores were shared: the median ignores it
+        timed("b", "diet", 0, 50.0)])}
+    todo = [sb.cell_key("a", "random", 0.1, 0), sb.cell_key("b", "random", 0.1, 0), sb.cell_key("c", "flap", 0.1, 0)]
+    # a: median(100, 120, 900) = 120; b: 50; c has no cells: median over all pruned cells = 110
+    assert sb.eta_seconds(cells, todo) == pytest.approx(120 + 50 + 110)
+    assert sb.eta_seconds(cells, todo[:1], unknown=2) == pytest.approx(120 + 2 * 110)
+    assert sb.eta_seconds({}, todo) is None
+    assert sb.eta_seconds({}, []) == 0.0
+
+
 def test_resume_skips_only_matching_settings(sb, tmp_path):
     cfg = config(sb, tmp_path)
     cdir = tmp_path / "cells"
