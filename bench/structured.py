@@ -348,6 +348,18 @@ def eval_se(cell: dict) -> float:
     return math.sqrt(sum(s * s for s in ses)) / len(ses)
 
 
+def seed0_gap(cells: dict, model: str, sp: float, methods) -> dict | None:
+    """DIET minus the best baseline at one sparsity (seed 0), with the evaluation SE of the difference."""
+    diet = cells.get(cell_key(model, "diet", sp, 0))
+    base = {b: c for b in methods if b in BASELINES and (c := cells.get(cell_key(model, b, sp, 0)))}
+    if diet is None or not base:
+        return None
+    best = max(base, key=lambda b: (base[b]["avg"], b))
+    return {"best_baseline": best, "gap": diet["avg"] - base[best]["avg"],
+            "eval_se": math.hypot(eval_se(diet), eval_se(base[best])),
+            "complete": all(b in base for b in methods if b in BASELINES)}
+
+
 def derive(cfg: dict, cells: dict) -> dict:
     sp0, seeds, methods = cfg["study_sparsity"], cfg["seeds"], cfg["methods"]
     out = {}
@@ -377,6 +389,8 @@ def derive(cfg: dict, cells: dict) -> dict:
                 if sd["std"] is not None and sb["std"] is not None:
                     gap["seed_se"] = math.sqrt(sd["std"] ** 2 / sd["n"] + sb["std"] ** 2 / sb["n"])
             d["gap"] = gap
+        d["sweep_gaps"] = {f"{sp:.2f}": g for sp in cfg["sparsities"]
+                           if (g := seed0_gap(cells, m, sp, methods)) is not None}
         masks = {s: cells[k]["kept"] for s in seeds if (k := cell_key(m, "diet", sp0, s)) in cells}
         pairs = [(a, b) for i, a in enumerate(sorted(masks)) for b in sorted(masks)[i + 1:]]
         if pairs:
@@ -527,6 +541,16 @@ def render(state: dict) -> str:
                     flag = " ⚑" if flagged(c, tol) else ""
                     parts += [f"{_pct(c['avg'])}{flag}", _ppl(c["ppl"])]
             L.append(f"| {lab} | " + " | ".join(parts) + " |")
+        gaps = dm.get("sweep_gaps", {})
+        parts = []
+        for sp in sps:
+            g = gaps.get(f"{sp:.2f}")
+            parts += (["–", "–"] if g is None else
+                      [f"{100 * g['gap']:+.1f} ± {100 * g['eval_se']:.1f} vs {g['best_baseline']}"
+                       + ("" if g["complete"] else " (provisional)"), ""])
+        L.append("| **DIET − best baseline** | " + " | ".join(parts) + " |")
+        L += ["", "DIET − best baseline: seed 0, ± the evaluation sampling SE of the difference; "
+              "provisional where not every baseline has run at that sparsity."]
         flags = [f"{c['label']} at {c['sparsity']:.0%}: {_pct(c['summary']['param_reduction'])}%"
                  for k, c in sorted(cells.items()) if c["model"] == m and flagged(c, tol)]
         L += ["", "Achieved parameter reduction off target by more than "

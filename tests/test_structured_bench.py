@@ -115,13 +115,16 @@ def test_resume_skips_only_matching_settings(sb, tmp_path):
 
 
 def test_derive_render_plots(sb, tmp_path):
-    cfg = config(sb, tmp_path, seeds="0,1,2")
+    cfg = config(sb, tmp_path, seeds="0,1,2", sparsities="0.1,0.2,0.3")
     m = "smollm2-135m"
     cdir = tmp_path / "cells"
     cells = [fake_cell(sb, m, "dense", 0.0, avg=0.6),
              fake_cell(sb, m, "random", 0.2, avg=0.40, kept=[0, 1, 2, 3, 4, 5, 6, 7, 8]),
              fake_cell(sb, m, "magnitude", 0.2, avg=0.45, kept=[1, 2, 3, 4, 5, 6, 7, 8, 9]),
-             fake_cell(sb, m, "shortgpt", 0.2, avg=0.42, reduction=0.25)]
+             fake_cell(sb, m, "shortgpt", 0.2, avg=0.42, reduction=0.25),
+             fake_cell(sb, m, "diet", 0.1, avg=0.50, kept=list(range(10))),
+             fake_cell(sb, m, "random", 0.1, avg=0.52, kept=list(range(10))),
+             fake_cell(sb, m, "magnitude", 0.3, avg=0.30, kept=list(range(8)))]
     diet_masks = {0: list(range(9)), 1: list(range(1, 10)), 2: list(range(9))}
     for s, avg in ((0, 0.55), (1, 0.53), (2, 0.57)):
         c = fake_cell(sb, m, "diet", 0.2, seed=s, avg=avg, kept=diet_masks[s])
@@ -143,6 +146,13 @@ def test_derive_render_plots(sb, tmp_path):
     assert gap["gap_seed0"] == pytest.approx(0.10)
     assert gap["gap_mean"] == pytest.approx(0.55 - 0.45)
     assert gap["seed_se"] == pytest.approx(math.sqrt(0.02 ** 2 / 3 + 0.01 ** 2 / 3))
+    assert d["sweep_gaps"]["0.20"]["best_baseline"] == "magnitude"
+    assert d["sweep_gaps"]["0.20"]["gap"] == pytest.approx(0.10)
+    assert d["sweep_gaps"]["0.20"]["eval_se"] == pytest.approx(gap["eval_se"])
+    assert d["sweep_gaps"]["0.20"]["complete"]  # the test config runs random, magnitude, shortgpt
+    # at 10% only random has run: a provisional gap; at 30% there is no DIET cell: no gap
+    assert d["sweep_gaps"]["0.10"]["gap"] == pytest.approx(-0.02) and not d["sweep_gaps"]["0.10"]["complete"]
+    assert "0.30" not in d["sweep_gaps"]
     st = d["stability"]
     assert st["pairs"]["0-2"] == 1.0 and st["pairs"]["0-1"] == pytest.approx(8 / 10)
     assert sb.flagged(state["cells"][sb.cell_key(m, "shortgpt", 0.2, 0)], 0.01)
@@ -153,6 +163,7 @@ def test_derive_render_plots(sb, tmp_path):
     sb.finish(state, Path(cfg["out"]), Path(cfg["doc"]))
     doc = Path(cfg["doc"]).read_text()
     assert "+10.0 points at seed 0" in doc
+    assert "| **DIET − best baseline** | -2.0 ± 5.0 vs random (provisional) |  | +10.0 ± 5.0 vs magnitude |  | – | – |" in doc
     assert "55.0 ± 2.0 (n=3)" in doc
     assert "shortgpt at 20%: 25.0%" in doc
     assert "Incomplete run" in doc and "`smollm2-135m|shortgpt|0.20|1|default`" in doc
