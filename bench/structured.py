@@ -50,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dietprune.errors import UnreachableSparsity  # noqa: E402
 from dietprune.evaluate.results import headline  # noqa: E402
 from dietprune.merge import jaccard  # noqa: E402
 from dietprune.profile import DEFAULT_TAP, TAPS  # noqa: E402
@@ -216,11 +217,13 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
 
 # ---- the plan -----------------------------------------------------------------------------
 
-def strongest_baselines(cells: dict, model: str, sparsity: float, methods, n: int = 2) -> list[str] | None:
-    """The n baselines with the best seed-0 average at `sparsity`; None until all have run."""
+def strongest_baselines(cells: dict, model: str, sparsity: float, methods, n: int = 2,
+                        infeasible=()) -> list[str] | None:
+    """The n baselines with the best seed-0 average at `sparsity`; None until all that can reach
+    it (those not in `infeasible`) have run."""
     got = {}
     for b in methods:
-        if b not in BASELINES:
+        if b not in BASELINES or cell_key(model, b, sparsity, 0) in infeasible:
             continue
         c = cells.get(cell_key(model, b, sparsity, 0))
         if c is None:
@@ -229,7 +232,7 @@ def strongest_baselines(cells: dict, model: str, sparsity: float, methods, n: in
     return sorted(got, key=lambda b: (-got[b], b))[:n]
 
 
-def plan(cfg: dict, cells: dict) -> list[tuple[str, int, str | None]]:
+def plan(cfg: dict, cells: dict, infeasible=()) -> list[tuple[str, int, str | None]]:
     """Ordered (phase, sort key, cell key or None for a not-yet-known cell) of the whole study."""
     models, sps, methods = cfg["models"], cfg["sparsities"], cfg["methods"]
     sp0, seeds, parts = cfg["study_sparsity"], cfg["seeds"], cfg["parts"]
@@ -249,7 +252,7 @@ def plan(cfg: dict, cells: dict) -> list[tuple[str, int, str | None]]:
                 add("main", cell_key(m, label, sp0, 0))
     if "seeds" in parts:
         for m in models:
-            top = strongest_baselines(cells, m, sp0, methods)
+            top = strongest_baselines(cells, m, sp0, methods, infeasible=infeasible)
             chosen = ["diet"] + (top if top is not None else [None, None])
             for label in chosen:
                 for s in seeds:
@@ -299,22 +302,31 @@ def eta_seconds(cells: dict, todo: list[str], unknown: int = 0) -> float | None:
     return total
 
 
-def load_cells(cells_dir: Path, settings: dict) -> tuple[dict, list[str]]:
-    """Finished cells whose evaluation settings match; the keys of those that do not."""
-    cells, stale = {}, []
+def unreachable_record(spec: dict, settings: dict, exc: UnreachableSparsity) -> dict:
+    """The cell file of a target the method cannot reach (`load_cells` reads it back as settled)."""
+    return {**spec, "settings": settings, "infeasible": str(exc), "reachable": list(exc.reachable)}
+
+
+def load_cells(cells_dir: Path, settings: dict) -> tuple[dict, list[str], dict]:
+    """Finished cells whose evaluation settings match; the keys of those that do not; and the
+    targets a method cannot reach on a model (key -> {"reason", "reachable"}), recorded by a run
+    so that they count as settled, not missing."""
+    cells, stale, infeasible = {}, [], {}
     if not cells_dir.is_dir():
-        return cells, stale
+        return cells, stale, infeasible
     for f in sorted(cells_dir.glob("*.json")):
         try:
             c = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         key = cell_key(c["model"], c["label"], c["sparsity"], c["seed"], c["variant"])
-        if c.get("settings") == settings:
-            cells[key] = c
-        else:
+        if c.get("settings") != settings:
             stale.append(key)
-    return cells, stale
+        elif c.get("infeasible"):
+            infeasible[key] = {"reason": c["infeasible"], "reachable": c.get("reachable")}
+        else:
+            cells[key] = c
+    return cells, stale, infeasible
 
 
 def fmt_time(s: float) -> str:
@@ -348,7 +360,7 @@ def eval_se(cell: dict) -> float:
     return math.sqrt(sum(s * s for s in ses)) / len(ses)
 
 
-def seed0_gap(cells: dict, model: str, sp: float, methods) -> dict | None:
+def seed0_gap(cells: dict, model: str, sp: float, methods, infeasible=()) -> dict | None:
     """DIET minus the best baseline at one sparsity (seed 0), with the evaluation SE of the difference."""
     diet = cells.get(cell_key(model, "diet", sp, 0))
     base = {b: c for b in methods if b in BASELINES and (c := cells.get(cell_key(model, b, sp, 0)))}
@@ -357,15 +369,15 @@ def seed0_gap(cells: dict, model: str, sp: float, methods) -> dict | None:
     best = max(base, key=lambda b: (base[b]["avg"], b))
     return {"best_baseline": best, "gap": diet["avg"] - base[best]["avg"],
             "eval_se": math.hypot(eval_se(diet), eval_se(base[best])),
-            "complete": all(b in base for b in methods if b in BASELINES)}
+            "complete": all(b in base or cell_key(model, b, sp, 0) in infeasible for b in methods if b in BASELINES)}
 
 
-def derive(cfg: dict, cells: dict) -> dict:
+def derive(cfg: dict, cells: dict, infeasible=()) -> dict:
     sp0, seeds, methods = cfg["study_sparsity"], cfg["seeds"], cfg["methods"]
     out = {}
     for m in cfg["models"]:
         d: dict = {}
-        top = strongest_baselines(cells, m, sp0, methods)
+        top = strongest_baselines(cells, m, sp0, methods, infeasible=infeasible)
         base_scores = {b: cells[cell_key(m, b, sp0, 0)]["avg"] for b in methods
                        if b in BASELINES and cell_key(m, b, sp0, 0) in cells}
         d["strongest_baselines"] = top
@@ -390,7 +402,7 @@ def derive(cfg: dict, cells: dict) -> dict:
                     gap["seed_se"] = math.sqrt(sd["std"] ** 2 / sd["n"] + sb["std"] ** 2 / sb["n"])
             d["gap"] = gap
         d["sweep_gaps"] = {f"{sp:.2f}": g for sp in cfg["sparsities"]
-                           if (g := seed0_gap(cells, m, sp, methods)) is not None}
+                           if (g := seed0_gap(cells, m, sp, methods, infeasible)) is not None}
         masks = {s: cells[k]["kept"] for s in seeds if (k := cell_key(m, "diet", sp0, s)) in cells}
         pairs = [(a, b) for i, a in enumerate(sorted(masks)) for b in sorted(masks)[i + 1:]]
         if pairs:
@@ -456,6 +468,7 @@ def _diet_defaults(cells: dict) -> str:
 
 def render(state: dict) -> str:
     cfg, cells, der = state["setup"], state["cells"], state["derived"]
+    unreachable = state.get("infeasible", {})
     sp0, tasks, tol = cfg["study_sparsity"], cfg["tasks"], cfg["flag_tolerance"]
     metric_of = {t: headline_metric(t) for t in tasks}
     for c in cells.values():
@@ -498,6 +511,9 @@ def render(state: dict) -> str:
         rows = [("dense", 0.0)] + [(lab, sp0) for lab in cfg["methods"]]
         for lab, sp in rows:
             c = cells.get(cell_key(m, lab, sp, 0))
+            if cell_key(m, lab, sp, 0) in unreachable:
+                L.append(f"| {lab} | " + " | ".join(["n/a"] * (len(tasks) + 5)) + " |")
+                continue
             if c is None:
                 L.append(f"| {lab} | " + " | ".join(["–"] * (len(tasks) + 5)) + " |")
                 continue
@@ -535,7 +551,9 @@ def render(state: dict) -> str:
             parts = []
             for sp in sps:
                 c = cells.get(cell_key(m, lab, sp, 0))
-                if c is None:
+                if cell_key(m, lab, sp, 0) in unreachable:
+                    parts += ["n/a", "n/a"]
+                elif c is None:
                     parts += ["–", "–"]
                 else:
                     flag = " ⚑" if flagged(c, tol) else ""
@@ -551,6 +569,12 @@ def render(state: dict) -> str:
         L.append("| **DIET − best baseline** | " + " | ".join(parts) + " |")
         L += ["", "DIET − best baseline: seed 0, ± the evaluation sampling SE of the difference; "
               "provisional where not every baseline has run at that sparsity."]
+        mine = {k: v for k, v in sorted(unreachable.items()) if parse_key(k)["model"] == m}
+        if mine:
+            L += ["", "n/a: the method cannot reach that target on this model (`prune()` refuses it): "
+                  + "; ".join(f"{parse_key(k)['label']} at {parse_key(k)['sparsity']:.0%} "
+                              f"(reachable {v['reachable'][0]:.1%}..{v['reachable'][1]:.1%})" for k, v in mine.items())
+                  + "."]
         flags = [f"{c['label']} at {c['sparsity']:.0%}: {_pct(c['summary']['param_reduction'])}%"
                  for k, c in sorted(cells.items()) if c["model"] == m and flagged(c, tol)]
         L += ["", "Achieved parameter reduction off target by more than "
@@ -608,6 +632,9 @@ def render(state: dict) -> str:
                  + "; ".join(f"`{k}`" for k in missing) + ".")
     else:
         L.append("All planned cells are present.")
+    if unreachable:
+        L.append(f"{len(unreachable)} planned cell(s) are targets their method cannot reach (n/a above); "
+                 "they are settled, not missing.")
     if state.get("stale"):
         L.append(f"{len(state['stale'])} cached cell(s) with other evaluation settings were ignored.")
     secs = [c["seconds"]["total"] for c in cells.values()]
@@ -712,9 +739,9 @@ def plots(state: dict) -> list[Path]:
 # ---- driver ----------------------------------------------------------------------------------
 
 def build_state(cfg: dict, cells_dir: Path, settings: dict) -> dict:
-    cells, stale = load_cells(cells_dir, settings)
-    wanted = plan(cfg, cells)
-    keys = [k for _, k in wanted if k is not None]
+    cells, stale, infeasible = load_cells(cells_dir, settings)
+    wanted = plan(cfg, cells, infeasible)
+    keys = [k for _, k in wanted if k is not None and k not in infeasible]
     unknown = sum(1 for _, k in wanted if k is None)
     missing = [k for k in keys if k not in cells] + (["(seed cells of the two strongest baselines, not yet "
                                                       f"chosen: {unknown})"] if unknown else [])
@@ -722,7 +749,8 @@ def build_state(cfg: dict, cells_dir: Path, settings: dict) -> dict:
 
     return {"schema": SCHEMA, "setup": cfg, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "cells": cells,
-            "derived": derive(cfg, cells), "missing": missing, "stale": stale}
+            "derived": derive(cfg, cells, infeasible), "missing": missing, "stale": stale,
+            "infeasible": infeasible}
 
 
 def finish(state: dict, out: Path, doc: Path, make_plots: bool = True) -> None:
@@ -843,9 +871,10 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     while True:
         state = build_state(cfg, cells_dir, settings)
-        cells = state["cells"]
-        todo = [k for _, k in plan(cfg, cells) if k is not None and k not in cells and k not in failed]
-        unknown = sum(1 for _, k in plan(cfg, cells) if k is None)
+        cells, infeasible = state["cells"], state["infeasible"]
+        wanted = plan(cfg, cells, infeasible)
+        todo = [k for _, k in wanted if k is not None and k not in cells and k not in infeasible and k not in failed]
+        unknown = sum(1 for _, k in wanted if k is None)
         if not todo or (args.max_cells is not None and computed >= args.max_cells):
             break
         key = todo[0]
@@ -860,6 +889,10 @@ def main(argv=None) -> int:
             print(f"  loaded {spec['model']} in {time.perf_counter() - t0:.0f}s", flush=True)
         try:
             cell = run_cell(models[spec["model"]], spec, settings, args.data_dir, profiles)
+        except UnreachableSparsity as exc:  # the method's structure cannot get there: settled, not failed
+            write_json_atomic(cell_file(cells_dir, key), unreachable_record(spec, settings, exc))
+            print(f"  NOT REACHABLE {key}: {exc}", flush=True)
+            continue
         except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the study
             traceback.print_exc()
             failed[key] = f"{type(exc).__name__}: {exc}"

@@ -14,7 +14,7 @@ from dietprune.baselines.heads import group_rows, prune_kv_groups_
 from dietprune.baselines.layers import drop_layers_
 from dietprune.baselines.methods import global_attention_share, layers_to_remove
 from dietprune.baselines.plan import budget_for, candidates, legal_group_counts
-from dietprune.errors import DietpruneError
+from dietprune.errors import DietpruneError, UnreachableSparsity
 from dietprune.pipeline import prune
 from tiny import ARCHS, tiny_model
 
@@ -373,5 +373,8 @@ def test_zero_sparsity_equals_original(method, tok, data_dir):
 
 
 def test_unreachable_target_is_a_clear_error(tok, data_dir):
-    with pytest.raises(DietpruneError, match="cannot reach"):
+    with pytest.raises(UnreachableSparsity, match=r"cannot reach 95.0% .* allow 0.0%\.\.") as info:
         _run(wide_model("llama"), tok, data_dir, "wanda-sp", 0.95)
+    assert isinstance(info.value, DietpruneError)  # the CLI's one-line error
+    lo, hi = info.value.reachable
+    assert lo == 0.0 and 0.0 < hi < 0.95 and info.value.method == "wanda-sp"

@@ -108,8 +108,8 @@ def test_resume_skips_only_matching_settings(sb, tmp_path):
     stale = dict(fake_cell(sb, "smollm2-135m", "random", 0.2, kept=list(range(9))), settings={"limit": 200})
     for c in (good, stale):
         sb.write_json_atomic(sb.cell_file(cdir, sb.cell_key(c["model"], c["label"], c["sparsity"], c["seed"])), c)
-    cells, stale_keys = sb.load_cells(cdir, cfg["settings"])
-    assert list(cells) == [sb.cell_key("smollm2-135m", "diet", 0.2, 0)]
+    cells, stale_keys, unreachable = sb.load_cells(cdir, cfg["settings"])
+    assert list(cells) == [sb.cell_key("smollm2-135m", "diet", 0.2, 0)] and unreachable == {}
     assert stale_keys == [sb.cell_key("smollm2-135m", "random", 0.2, 0)]
     assert not list(cdir.glob(".*tmp*"))
 
@@ -174,6 +174,39 @@ def test_derive_render_plots(sb, tmp_path):
         assert (tmp_path / "plots" / f"{m}_{name}.png").stat().st_size > 1000
     # the markdown is a function of the JSON alone
     assert sb.render(data) == doc
+
+
+def test_unreachable_targets_are_settled_not_missing(sb, tmp_path):
+    from dietprune.errors import UnreachableSparsity
+
+    cfg = config(sb, tmp_path, sparsities="0.2,0.3")
+    m, cdir = "smollm2-135m", tmp_path / "cells"
+    done = [fake_cell(sb, m, "dense", 0.0, avg=0.6)]
+    done += [fake_cell(sb, m, lab, sp, avg=avg, kept=list(range(9)))
+             for sp in (0.2, 0.3) for lab, avg in (("diet", 0.5), ("random", 0.4), ("magnitude", 0.45))]
+    for c in done:
+        sb.write_json_atomic(sb.cell_file(cdir, sb.cell_key(c["model"], c["label"], c["sparsity"], c["seed"])), c)
+    before = sb.build_state(cfg, cdir, cfg["settings"])
+    key = sb.cell_key(m, "shortgpt", 0.3, 0)
+    assert key in before["missing"] and not before["derived"][m]["sweep_gaps"]["0.30"]["complete"]
+
+    exc = UnreachableSparsity("shortgpt cannot reach 30.0% ...", method="shortgpt", sparsity=0.3,
+                              reachable=(0.0, 0.264))
+    sb.write_json_atomic(sb.cell_file(cdir, key), sb.unreachable_record(sb.parse_key(key), cfg["settings"], exc))
+    state = sb.build_state(cfg, cdir, cfg["settings"])
+    assert key not in state["missing"] and key not in state["cells"]
+    assert state["infeasible"][key]["reachable"] == [0.0, 0.264]
+    assert state["derived"][m]["sweep_gaps"]["0.30"]["complete"]
+    # at the study sparsity an unreachable baseline does not hold back the choice of the strongest two
+    assert sb.strongest_baselines(state["cells"], m, 0.2, cfg["methods"]) is None  # shortgpt 20% not run
+    assert sb.strongest_baselines(state["cells"], m, 0.2, cfg["methods"],
+                                  infeasible={sb.cell_key(m, "shortgpt", 0.2, 0)}) == ["magnitude", "random"]
+    sb.finish(state, Path(cfg["out"]), Path(cfg["doc"]), make_plots=False)
+    doc = Path(cfg["doc"]).read_text()
+    assert "| shortgpt | – | – | n/a | n/a |" in doc
+    assert "shortgpt at 30% (reachable 0.0%..26.4%)" in doc
+    assert "1 planned cell(s) are targets their method cannot reach" in doc
+    assert sb.render(json.loads(Path(cfg["out"]).read_text())) == doc
 
 
 @pytest.mark.parametrize("label,variant", [("diet", ""), ("random", ""), ("diet-mean", "tap=residual")])

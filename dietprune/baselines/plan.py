@@ -20,7 +20,7 @@ from typing import Callable
 from torch import nn
 
 from ..adapters import ModelAdapter, get_module, param_count
-from ..errors import DietpruneError
+from ..errors import DietpruneError, UnreachableSparsity
 
 TOLERANCE = 0.01  # |achieved sparsity - target sparsity|, as a fraction of the original parameters
 
@@ -115,10 +115,10 @@ def choose(budget: Budget, sparsity: float, legal: list[int], key: Callable[[Cho
     """The candidate that minimises `key` (ties: nearest the target); a clear error when none fits."""
     found = candidates(budget, sparsity, legal, tolerance)
     if not found:
-        lowest = budget.sparsity(min(legal), 1)
-        raise DietpruneError(
+        lo = max(0.0, budget.sparsity(budget.groups, budget.channels))  # keep-all is 0, not "-0.0%"
+        hi = budget.sparsity(min(legal), 1)
+        raise UnreachableSparsity(
             f"{method} cannot reach {sparsity:.1%} parameter sparsity within {tolerance:.0%} on this model: "
-            f"attention heads and MLP channels allow {budget.sparsity(budget.groups, budget.channels):.1%}"
-            f"..{lowest:.1%} (embeddings and norms are not pruned)"
-        )
+            f"attention heads and MLP channels allow {lo:.1%}..{hi:.1%} (embeddings and norms are not pruned)",
+            method=method, sparsity=sparsity, reachable=(lo, hi))
     return min(found, key=lambda ch: (key(ch), abs(ch.sparsity - sparsity), -ch.groups))
