@@ -290,12 +290,13 @@ def eta_seconds(cells: dict, todo: list[str], unknown: int = 0) -> float | None:
 
     pruned = [c for c in cells.values() if c["label"] != "dense"]
     overall = median([c["seconds"]["total"] for c in pruned])
+    per_model = {m: median([c["seconds"]["total"] for c in pruned if c["model"] == m])
+                 for m in {c["model"] for c in pruned}}
     if unknown and overall is None:
         return None
     total = unknown * (overall or 0.0)
     for key in todo:
-        model = key.split("|", 1)[0]
-        per = median([c["seconds"]["total"] for c in pruned if c["model"] == model]) or overall
+        per = per_model.get(parse_key(key)["model"]) or overall
         if per is None:
             return None
         total += per
@@ -378,17 +379,13 @@ def derive(cfg: dict, cells: dict, infeasible=()) -> dict:
     for m in cfg["models"]:
         d: dict = {}
         top = strongest_baselines(cells, m, sp0, methods, infeasible=infeasible)
-        base_scores = {b: cells[cell_key(m, b, sp0, 0)]["avg"] for b in methods
-                       if b in BASELINES and cell_key(m, b, sp0, 0) in cells}
         d["strongest_baselines"] = top
         d["seed_stats"] = {lab: st for lab in ["diet"] + (top or [])
                            if (st := seed_stats(cells, m, lab, sp0, seeds)) is not None}
-        diet0 = cells.get(cell_key(m, "diet", sp0, 0))
-        if diet0 and base_scores:
-            best = max(base_scores, key=lambda b: (base_scores[b], b))
-            gap = {"best_baseline": best, "complete": top is not None,
-                   "gap_seed0": diet0["avg"] - base_scores[best],
-                   "eval_se": math.hypot(eval_se(diet0), eval_se(cells[cell_key(m, best, sp0, 0)]))}
+        g0 = seed0_gap(cells, m, sp0, methods, infeasible)
+        if g0:
+            gap = {"best_baseline": g0["best_baseline"], "complete": g0["complete"],
+                   "gap_seed0": g0["gap"], "eval_se": g0["eval_se"]}
             # over seeds, the best baseline is the one with the highest seed mean (not the seed-0 winner)
             sd = d["seed_stats"].get("diet")
             seeded = {b: st for b, st in d["seed_stats"].items() if b != "diet" and st["n"] >= 2}
