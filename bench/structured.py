@@ -572,10 +572,15 @@ def render(state: dict) -> str:
                   + "; ".join(f"{parse_key(k)['label']} at {parse_key(k)['sparsity']:.0%} "
                               f"(reachable {v['reachable'][0]:.1%}..{v['reachable'][1]:.1%})" for k, v in mine.items())
                   + "."]
-        flags = [f"{c['label']} at {c['sparsity']:.0%}: {_pct(c['summary']['param_reduction'])}%"
-                 for k, c in sorted(cells.items()) if c["model"] == m and flagged(c, tol)]
+        flags = list(dict.fromkeys(  # seeds of one cell reach the same size: list it once
+            f"{c['label']} at {c['sparsity']:.0%}: {_pct(c['summary']['param_reduction'])}%"
+            for k, c in sorted(cells.items()) if c["model"] == m and flagged(c, tol)))
         L += ["", "Achieved parameter reduction off target by more than "
-              f"{tol:.0%}: " + ("; ".join(flags) if flags else "none") + ".", ""]
+              f"{tol:.0%}: " + ("; ".join(flags) if flags else "none") + "."]
+        if any(f.startswith("shortgpt ") for f in flags):
+            L.append("shortgpt removes whole decoder layers and takes the layer count whose parameter "
+                     "fraction is nearest the target; no count lands within the tolerance there.")
+        L.append("")
         # ablations
         L += [f"### Ablations of DIET at {sp0:.0%} (seed 0)", ""]
         L += ["| ablation | setting | hidden | avg | ppl | Jaccard with reference mask |", "|---|---|---|---|---|---|"]

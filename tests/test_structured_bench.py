@@ -135,6 +135,7 @@ def test_derive_render_plots(sb, tmp_path):
         cells.append(c)
     for s, avg in ((1, 0.44), (2, 0.46)):
         cells.append(fake_cell(sb, m, "magnitude", 0.2, seed=s, avg=avg, kept=list(range(9))))
+    cells.append(fake_cell(sb, m, "shortgpt", 0.2, seed=1, avg=0.42, reduction=0.25))
     for c in cells:
         sb.write_json_atomic(sb.cell_file(cdir, sb.cell_key(c["model"], c["label"], c["sparsity"], c["seed"],
                                                             c["variant"])), c)
@@ -158,15 +159,16 @@ def test_derive_render_plots(sb, tmp_path):
     assert sb.flagged(state["cells"][sb.cell_key(m, "shortgpt", 0.2, 0)], 0.01)
     assert not sb.flagged(state["cells"][sb.cell_key(m, "diet", 0.2, 0)], 0.01)
     # still missing: shortgpt seeds, ablation cells
-    assert sb.cell_key(m, "shortgpt", 0.2, 1) in state["missing"]
+    assert sb.cell_key(m, "shortgpt", 0.2, 2) in state["missing"]
 
     sb.finish(state, Path(cfg["out"]), Path(cfg["doc"]))
     doc = Path(cfg["doc"]).read_text()
     assert "+10.0 points at seed 0" in doc
     assert "| **DIET − best baseline** | -2.0 ± 5.0 vs random (provisional) |  | +10.0 ± 5.0 vs magnitude |  | – | – |" in doc
     assert "55.0 ± 2.0 (n=3)" in doc
-    assert "shortgpt at 20%: 25.0%" in doc
-    assert "Incomplete run" in doc and "`smollm2-135m|shortgpt|0.20|1|default`" in doc
+    assert doc.count("shortgpt at 20%: 25.0%") == 1  # once, not once per seed
+    assert "shortgpt removes whole decoder layers" in doc
+    assert "Incomplete run" in doc and "`smollm2-135m|shortgpt|0.20|2|default`" in doc
     assert "python bench/structured.py --quick" in doc
     data = json.loads(Path(cfg["out"]).read_text())
     assert data["schema"] == sb.SCHEMA and len(data["cells"]) == len(cells)
