@@ -18,6 +18,10 @@ WikiText-2 token perplexity (first --ppl-tokens test tokens) of:
   lm_head term ‖E[:, j]‖² G_final[j, j] (relative too). Every mask gets the rms+ls repair.
 - ``refit`` / ``refit-late``: the sequential re-fit with its dense targets read before the RMS
   correction (current) or after it (before a fix, for the record).
+- ``energy``: the vote mask with rms+ls+energy (the least-squares fold, then every reader row
+  rescaled to its dense calibration energy).
+- ``ls+refit``: rms+ls, then the sequential re-fit anchored at the least-squares weights (its
+  ridge pulls towards them). A variant may carry its re-fit ridge: ``ls+refit:0.1``.
 
 Writes bench/results/probe_repairs_<model>.json and .md.
 """
@@ -48,7 +52,7 @@ from dietprune.refit import capture_norm_outputs, fit_batch, reader_weights, ref
 from dietprune.repair import complement, ls_compensate_, rms_correct_  # noqa: E402
 from dietprune.surgery import prune_hidden_  # noqa: E402
 
-VARIANTS = ("vote", "vote+head", "obs", "obs-rel", "obs-rel-head", "refit", "refit-late")
+VARIANTS = ("vote", "vote+head", "obs", "obs-rel", "obs-rel-head", "refit", "refit-late", "ls+refit", "energy")
 
 
 @torch.no_grad()
@@ -117,9 +121,11 @@ def main(argv=None) -> int:
     rows = [{"variant": "dense", "hidden": d, "ppl": perplexity(dense, tok, **ppl_kw)}]
     print(f"dense: ppl {rows[0]['ppl']:.2f}", flush=True)
 
-    for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
+    for name in [x.strip() for x in args.variants.split(",") if x.strip()]:
         t0 = time.perf_counter()
-        row: dict = {"variant": v}
+        row: dict = {"variant": name}
+        v, _, ridge = name.partition(":")
+        refit_ridge = float(ridge) if ridge else 1e-3
         if v.startswith("obs"):
             kept = obs_kept(dense, prof.norms, vote.k, rel="rel" in v, head=1.0 if "head" in v else 0.0)
         else:
@@ -128,9 +134,10 @@ def main(argv=None) -> int:
         m = copy.deepcopy(dense)
         a = adapter_for(m)
         fit = targets = weights = None
-        if v.startswith("refit"):
+        refits = v.startswith("refit") or v.endswith("+refit")
+        if refits:
             fit = fit_batch(m, tok, examples, args.fit_samples, 512, 0)
-            if v == "refit":
+            if v != "refit-late":
                 targets, weights = capture_norm_outputs(m, *fit, adapter=a), reader_weights(m, a)
         rms_correct_(m, kept, prof.norms, a)
         if v == "refit-late":
@@ -140,16 +147,16 @@ def main(argv=None) -> int:
             head.weight = nn.Parameter(head.weight.detach().clone())
             m.config.tie_word_embeddings = False
             row["extra_params"] = head.weight.shape[0] * len(kept)
-        if not v.startswith("refit"):
-            ls_compensate_(m, kept, prof.norms, 1e-2, a)
+        if not v.startswith("refit"):  # ls+refit too
+            ls_compensate_(m, kept, prof.norms, 1e-2, a, energy=v == "energy")
         prune_hidden_(m, kept, a)
         if targets is not None:
-            refit_readers_(m, weights, targets, *fit, ridge=1e-3, adapter=a)
+            refit_readers_(m, weights, targets, *fit, ridge=refit_ridge, adapter=a)
             del targets
         row.update(hidden=len(kept), removed=len(complement(kept, d)), ppl=perplexity(m, tok, **ppl_kw),
                    seconds=round(time.perf_counter() - t0, 1))
         rows.append(row)
-        print(f"{v}: ppl {row['ppl']:.2f} (jaccard with vote {row['jaccard_with_vote']}, {row['seconds']:.0f}s)",
+        print(f"{name}: ppl {row['ppl']:.2f} (jaccard with vote {row['jaccard_with_vote']}, {row['seconds']:.0f}s)",
               flush=True)
         del m
 

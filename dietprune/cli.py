@@ -61,7 +61,8 @@ def add_prune(sub):
     p.add_argument("--scores", default=None, help="reuse a scores file written by `dietprune profile`")
     p.add_argument("--merge", default="vote", choices=["vote", "mean", "rank"])
     p.add_argument("--align", type=int, default=1, help="keep a multiple of this many dimensions (e.g. 8, 64)")
-    p.add_argument("--repair", default=None, choices=["none", "rms", "ls", "rms+ls", "refit", "rms+refit"],
+    p.add_argument("--repair", default=None,
+                   choices=["none", "rms", "ls", "rms+ls", "rms+ls+energy", "refit", "rms+refit", "rms+ls+refit"],
                    help="training-free repair after the cut (default: see docs/method.md)")
     p.add_argument("--ridge", type=float, default=1e-2, help="ridge of the least-squares repair")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="saved dtype")

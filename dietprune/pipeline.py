@@ -25,7 +25,7 @@ from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
 from .models import LoadedModel, load, model_fingerprint
 from .profile import ProfileConfig, load_calibration
 from .profile import profile as run_profile
-from .repair import ls_compensate_, parse_repair, rms_correct_, uses_refit
+from .repair import ls_compensate_, parse_repair, rms_correct_, uses_energy, uses_refit
 from .stats import Profile
 from .surgery import prune_hidden_
 from .tasks import parse_tasks
@@ -244,7 +244,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         if use_rms:
             repair_info["rms_factors"] = rms_correct_(net, kept, repair_prof.norms, adapter)
         if use_ls:
-            ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter)
+            ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter, energy=uses_energy(config.repair))
         prune_hidden_(net, kept, adapter)
         if use_refit:
             from .refit import refit_readers_

@@ -4,11 +4,13 @@ After the cut, every projection W (out × d) that read a norm output y now reads
 model's own norm output ŷ (k dims), which differs from y[kept] twice over: the removed
 coordinates are gone, and everything upstream has drifted. The re-fit solves, per projection,
 
-    W' = argmin Σ_t ‖W' ŷ_t − W y_t‖²  + λ‖W'‖²   =   W C (Ĝ + λI)⁻¹,
+    W' = argmin Σ_t ‖W' ŷ_t − W y_t‖²  + λ‖W' − W₀‖²   =   (W C + λW₀)(Ĝ + λI)⁻¹,
     C = Σ_t y_t ŷ_tᵀ  (d × k),   Ĝ = Σ_t ŷ_t ŷ_tᵀ  (k × k),
 
 where y_t comes from the dense model and ŷ_t from the pruned model on the same calibration
-token. It runs in one forward pass of the pruned model: a hook on each reader norm re-fits the
+token, and W₀ is the projection's weight before the re-fit (the sliced dense weight, or the
+least-squares fold when `ls` ran first): the ridge pulls the fit towards it, not towards zero.
+It runs in one forward pass of the pruned model: a hook on each reader norm re-fits the
 projections that read it before they run, so every block is fitted on inputs produced by the
 already re-fitted blocks before it. The architecture is unchanged; only reader weights move.
 """
@@ -55,11 +57,16 @@ def moments(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (y_hat.T @ y_hat).double(), (y.T @ y_hat).double(), (y.T @ y).double()
 
 
-def solve_refit(w_dense: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
-    """W C (Ĝ + λI)⁻¹ with λ = ridge · mean(diag Ĝ); float64 inside, dtype of w_dense out."""
+def solve_refit(w_dense: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, ridge: float,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(W C + λW₀)(Ĝ + λI)⁻¹ with λ = ridge · mean(diag Ĝ) and W₀ = `prior` (zero if None);
+    float64 inside, dtype of w_dense out."""
     lam = ridge * torch.diagonal(gram_hat).mean().clamp_min(1e-12)
     eye = torch.eye(gram_hat.shape[0], dtype=torch.float64)
-    rhs = (w_dense.double() @ cross).T  # W' (Ĝ + λI) = W C, and Ĝ is symmetric
+    rhs = w_dense.double() @ cross
+    if prior is not None:
+        rhs = rhs + lam * prior.double()
+    rhs = rhs.T  # W' (Ĝ + λI) = W C + λW₀, and Ĝ is symmetric
     return torch.linalg.solve(gram_hat + lam * eye, rhs).T.to(w_dense.dtype)
 
 
@@ -92,7 +99,7 @@ def refit_readers_(pruned: nn.Module, dense_weights: dict[tuple[int, str], torch
                     lin = get_module(block, proj)
                     w = dense_weights[(i, proj)]
                     before = relative_error(lin.weight, w, gram_hat, cross, gram)
-                    lin.weight.data.copy_(solve_refit(w, gram_hat, cross, ridge))
+                    lin.weight.data.copy_(solve_refit(w, gram_hat, cross, ridge, prior=lin.weight))
                     report[f"{i}.{proj}"] = (before, relative_error(lin.weight, w, gram_hat, cross, gram))
 
             handles.append(get_module(block, norm_name).register_forward_hook(hook))

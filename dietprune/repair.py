@@ -11,6 +11,10 @@ Both repairs change weights of the *full* model given the kept indices, before s
   is folded into every projection that reads that norm: W_k ← W_k + W_r A. An untied lm_head
   reads the final norm and gets the same fold; a tied one is left alone, because the fold would
   also change the input embedding (untying it would cost vocab × kept parameters).
+- ``energy`` (with ``ls``): a least-squares prediction is shrunk towards the mean, so the folded
+  projection's outputs come out smaller than the dense ones. Each output row is rescaled so that
+  its calibration energy, from the same Gram matrix, equals the dense row's:
+  W'_i ← W'_i · sqrt(W_i G W_iᵀ / W'_i G_kk W'_iᵀ).
 """
 
 from __future__ import annotations
@@ -22,14 +26,21 @@ from .adapters import ModelAdapter, adapter_for, get_module
 from .errors import DietpruneError
 from .stats import NormStats
 
-REPAIRS = ("none", "rms", "ls", "rms+ls", "refit", "rms+refit")
+REPAIRS = ("none", "rms", "ls", "rms+ls", "rms+ls+energy", "refit", "rms+refit", "rms+ls+refit")
 
 
 def parse_repair(repair: str | None) -> tuple[bool, bool]:
+    """(RMS correction, least-squares fold) of a repair name."""
     repair = repair or "none"
     if repair not in REPAIRS:
         raise DietpruneError(f"unknown repair '{repair}'; choose from {', '.join(REPAIRS)}")
-    return "rms" in repair, repair.endswith("ls")
+    parts = repair.split("+")
+    return "rms" in parts, "ls" in parts
+
+
+def uses_energy(repair: str | None) -> bool:
+    """The least-squares fold rescales each output row to the dense calibration energy."""
+    return "energy" in (repair or "").split("+")
 
 
 def uses_refit(repair: str | None) -> bool:
@@ -88,10 +99,21 @@ def rms_factor_for(adapter: ModelAdapter, name: str, kept: torch.Tensor, norms: 
     return None
 
 
-def ls_fold(weight: torch.Tensor, a: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """W_k + W_r A for a projection reading a norm output; same dtype as `weight`."""
+def ls_fold(weight: torch.Tensor, a: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor,
+            gram: torch.Tensor | None = None) -> torch.Tensor:
+    """W_k + W_r A for a projection reading a norm output; same dtype as `weight`.
+
+    With the norm output's Gram matrix `gram` (d × d), each row is then rescaled so that its output
+    energy on the calibration data, W'_k G_kk W'_kᵀ, equals the dense row's W G Wᵀ (``energy``)."""
     w = weight.double()
+    dense = w.clone() if gram is not None else None
     w[:, kept] += w[:, removed] @ a
+    if gram is not None:
+        g = gram.double()
+        wk = w[:, kept]
+        want = torch.sum((dense @ g) * dense, dim=1)
+        have = torch.sum((wk @ g[kept][:, kept]) * wk, dim=1)
+        w = w * torch.sqrt(want / have.clamp_min(1e-30)).where(have > 0, torch.ones_like(have))[:, None]
     return w.to(weight.dtype)
 
 
@@ -108,8 +130,9 @@ def ls_map(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, ridge:
 
 @torch.no_grad()
 def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge: float = 1e-2,
-                   adapter: ModelAdapter | None = None) -> None:
-    """Fold the least-squares prediction of removed norm outputs into the projections reading them."""
+                   adapter: ModelAdapter | None = None, energy: bool = False) -> None:
+    """Fold the least-squares prediction of removed norm outputs into the projections reading them
+    (`energy`: then match each output row's calibration energy to the dense one)."""
     adapter = adapter or adapter_for(model)
     if norms.gram is None:
         raise DietpruneError("least-squares repair needs Gram statistics: profile with gram=True")
@@ -123,10 +146,12 @@ def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge
             a = ls_map(norms.gram[i, j], kept, removed, ridge)  # [r, k]
             for lin_name in adapter.norm_readers[norm_name]:
                 lin = get_module(block, lin_name)
-                lin.weight.data.copy_(ls_fold(lin.weight.data, a, kept, removed))
+                lin.weight.data.copy_(ls_fold(lin.weight.data, a, kept, removed,
+                                              norms.gram[i, j] if energy else None))
     if head_foldable(model, adapter, norms):
         head = adapter.output_head(model)
-        head.weight.data.copy_(ls_fold(head.weight.data, ls_map(norms.final_gram, kept, removed, ridge), kept, removed))
+        head.weight.data.copy_(ls_fold(head.weight.data, ls_map(norms.final_gram, kept, removed, ridge), kept, removed,
+                                       norms.final_gram if energy else None))
 
 
 def head_foldable(model: nn.Module, adapter: ModelAdapter, norms: NormStats) -> bool:

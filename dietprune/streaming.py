@@ -472,7 +472,7 @@ def _out_dtype(t_dtype: torch.dtype, dtype: str | None) -> torch.dtype:
 @torch.no_grad()
 def stream_checkpoint(model: nn.Module, ckpt: Checkpoint, kept: torch.Tensor, folder: Path,
                       dtype: str | None = None, norms=None, rms: bool = False, ls: bool = False,
-                      ridge: float = 1e-2, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+                      ridge: float = 1e-2, max_shard_bytes: int = DEFAULT_SHARD_BYTES, energy: bool = False) -> dict:
     """Write the cut (and repaired) weights of `ckpt` into `folder`, one tensor at a time.
 
     The same steps as the in-memory path (rms_correct_, ls_compensate_, prune_hidden_, cast),
@@ -520,12 +520,12 @@ def stream_checkpoint(model: nn.Module, ckpt: Checkpoint, kept: torch.Tensor, fo
                     if (layer, j) not in ls_cache:
                         ls_cache.clear()
                         ls_cache[(layer, j)] = ls_map(norms.gram[layer, j], kept, removed, ridge)
-                    t = ls_fold(t, ls_cache[(layer, j)], kept, removed)
+                    t = ls_fold(t, ls_cache[(layer, j)], kept, removed, norms.gram[layer, j] if energy else None)
         if ls and role == "lm_head" and inner == "weight" and len(removed) and head_foldable(model, adapter, norms):
             if "head" not in ls_cache:
                 ls_cache.clear()
                 ls_cache["head"] = ls_map(norms.final_gram, kept, removed, ridge)
-            t = ls_fold(t, ls_cache["head"], kept, removed)
+            t = ls_fold(t, ls_cache["head"], kept, removed, norms.final_gram if energy else None)
         t = slice_tensor(adapter, name, t, kept, d, tied)
         return t.to(_out_dtype(t.dtype, dtype))
 
@@ -594,7 +594,7 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
     from .methods import METHODS, MethodContext
     from .pipeline import PruneResult, _metadata, dir_size, load_checked_scores, save_checkpoint
     from .profile import ProfileConfig
-    from .repair import parse_repair
+    from .repair import parse_repair, uses_energy
     from .tasks import parse_tasks
 
     needs_profile, method_fn = METHODS[config.method]
@@ -656,7 +656,7 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
         def write_model(tmp: Path) -> None:
             written.update(stream_checkpoint(model, ckpt, kept, tmp, dtype=dtype,
                                              norms=None if repair_prof is None else repair_prof.norms,
-                                             rms=use_rms, ls=use_ls,
+                                             rms=use_rms, ls=use_ls, energy=uses_energy(config.repair),
                                              ridge=config.ridge, max_shard_bytes=parse_size(max_shard_size)))
 
         tensors = dict(selection.tensors)
