@@ -25,8 +25,7 @@ import structured as sb  # noqa: E402
 
 from dietprune.models import load  # noqa: E402
 
-SETTINGS = {"tasks": "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa", "limit": 200,
-            "samples": 100, "ppl_tokens": 16384}
+SETTINGS = sb.settings_of(sb.resolve_config(sb.parse_args([])))  # the study's defaults
 
 
 def main(argv=None) -> int:

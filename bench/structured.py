@@ -740,13 +740,19 @@ def plots(state: dict) -> list[Path]:
 
 # ---- driver ----------------------------------------------------------------------------------
 
+def pending(cfg: dict, cells: dict, infeasible) -> tuple[list[str], int]:
+    """Planned cells still to compute, in plan order (reachable targets only), and the number of
+    cells not yet known (seed cells of baselines not yet chosen)."""
+    wanted = plan(cfg, cells, infeasible)
+    todo = [k for _, k in wanted if k is not None and k not in cells and k not in infeasible]
+    return todo, sum(1 for _, k in wanted if k is None)
+
+
 def build_state(cfg: dict, cells_dir: Path, settings: dict) -> dict:
     cells, stale, infeasible = load_cells(cells_dir, settings)
-    wanted = plan(cfg, cells, infeasible)
-    keys = [k for _, k in wanted if k is not None and k not in infeasible]
-    unknown = sum(1 for _, k in wanted if k is None)
-    missing = [k for k in keys if k not in cells] + (["(seed cells of the two strongest baselines, not yet "
-                                                      f"chosen: {unknown})"] if unknown else [])
+    todo, unknown = pending(cfg, cells, infeasible)
+    missing = todo + (["(seed cells of the two strongest baselines, not yet "
+                       f"chosen: {unknown})"] if unknown else [])
     import platform
 
     return {"schema": SCHEMA, "setup": cfg, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -873,10 +879,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     while True:
         state = build_state(cfg, cells_dir, settings)
-        cells, infeasible = state["cells"], state["infeasible"]
-        wanted = plan(cfg, cells, infeasible)
-        todo = [k for _, k in wanted if k is not None and k not in cells and k not in infeasible and k not in failed]
-        unknown = sum(1 for _, k in wanted if k is None)
+        cells = state["cells"]
+        todo, unknown = pending(cfg, cells, state["infeasible"])
+        todo = [k for k in todo if k not in failed]
         if not todo or (args.max_cells is not None and computed >= args.max_cells):
             break
         key = todo[0]
