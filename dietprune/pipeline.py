@@ -23,6 +23,7 @@ from .adapters import adapter_for, param_count
 from .errors import DietpruneError
 from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
 from .models import LoadedModel, load, model_fingerprint
+from .outputs import check_output_dir, check_output_file, check_replaceable, input_paths
 from .profile import ProfileConfig, load_calibration
 from .profile import profile as run_profile
 from .repair import ls_compensate_, parse_repair, rms_correct_, uses_energy, uses_refit
@@ -54,21 +55,6 @@ def _as_loaded(model, tokenizer=None) -> LoadedModel:
                        source="memory")
 
 
-def check_output_dir(output: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder (unless overwrite) or an unwritable parent, before any work."""
-    out = Path(output).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise DietpruneError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DietpruneError(f"output folder {out} exists and is not empty (use --overwrite to replace it)")
-    parent = out.parent
-    if not parent.is_dir():
-        raise DietpruneError(f"cannot write output: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DietpruneError(f"cannot write output: folder {parent} is not writable")
-    return out
-
-
 def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = None, data_dir=None,
             output=None, tokenizer=None, low_memory: bool | None = None, device_map: str | None = None,
             offload: str = "auto", **kwargs) -> Profile:
@@ -83,9 +69,7 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     parse_tasks(tasks)  # fail on bad task names before loading a model
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
     if output is not None:
-        out = Path(output).expanduser().absolute()
-        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-            raise DietpruneError(f"cannot write scores: folder {out.parent} is missing or not writable")
+        check_output_file(output, "scores")
     examples = load_calibration(tasks, cfg, data_dir)
     folder = _streaming_folder(model, low_memory, device_map)
     if folder is not None:
@@ -174,7 +158,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
             options["tasks"] = tasks
         config = PruneConfig(sparsity=sparsity, **options)
     task_list = parse_tasks(config.tasks)
-    out = check_output_dir(output, overwrite) if output is not None else None
+    out = check_output_dir(output, overwrite, input_paths(model)) if output is not None else None
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     needs_profile, method_fn = METHODS[config.method]
@@ -337,8 +321,10 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
         (tmp / "dietprune.json").write_text(json.dumps(meta, indent=2))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
         if output.exists():
-            if not overwrite and any(output.iterdir()):
-                raise DietpruneError(f"output folder {output} appeared while pruning and is not empty")
+            if any(output.iterdir()):
+                if not overwrite:
+                    raise DietpruneError(f"output folder {output} appeared while pruning and is not empty")
+                check_replaceable(output)  # again: the folder may have changed since the start
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(old)
             tmp.rename(output)

@@ -77,9 +77,14 @@ def test_output_not_empty_unless_overwrite(capsys, tiny_dir, tmp_path, data_dir)
     code, err = _run(capsys, _prune(tiny_dir, out, data_dir))
     _assert_one_line_error(code, err, "exists and is not empty")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # --overwrite never deletes a file a checkpoint does not hold
+    code, err = _run(capsys, _prune(tiny_dir, out, data_dir, "--overwrite", "--sparsity", "0.25"))
+    _assert_one_line_error(code, err, "keep.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(_prune(tiny_dir, out, data_dir, "--sparsity", "0.5")) == 0
     assert main(_prune(tiny_dir, out, data_dir, "--overwrite", "--sparsity", "0.25")) == 0
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 48
-    assert not (out / "keep.txt").exists()
 
 
 def test_unwritable_output(capsys, tiny_dir, tmp_path, data_dir):

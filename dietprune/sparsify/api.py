@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..pipeline import _as_loaded, check_output_dir, save_checkpoint
+from ..outputs import check_output_dir, input_paths
+from ..pipeline import _as_loaded, save_checkpoint
 from ..tasks import parse_tasks
 from .config import SparsifyConfig
 from .loop import SparsifyReport, sparsify_model
@@ -35,7 +36,7 @@ def sparsify(model, config: SparsifyConfig | None = None, output=None, *, data_d
     if config.tasks:
         parse_tasks(config.tasks)  # fail on a bad task name before loading a model
     parse_tasks([config.general])
-    out = check_output_dir(output, overwrite) if output is not None else None
+    out = check_output_dir(output, overwrite, input_paths(model)) if output is not None else None
     t0 = time.perf_counter()
     lm = _as_loaded(model, tokenizer)
     net = lm.model if lm.source != "memory" else copy.deepcopy(lm.model)
