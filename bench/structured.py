@@ -142,9 +142,9 @@ def task_profile(cache: dict | None, lm, spec: dict, method: str, opts: dict, se
     """
     from dietprune.pipeline import profile
 
-    from dietprune.methods import PruneConfig
+    from dietprune.registry import DietConfig
 
-    if cache is None or method not in PROFILE_SHARED or opts.get("repair", PruneConfig.repair) not in (
+    if cache is None or method not in PROFILE_SHARED or opts.get("repair", DietConfig.repair) not in (
             "none", "rms", "ls", "rms+ls"):
         return None
     key = (spec["model"], opts["samples"], spec["seed"], opts.get("tap", DEFAULT_TAP))
@@ -825,7 +825,7 @@ def resolve_config(args) -> dict:
            "parts": lst(raw["parts"]), "flag_tolerance": args.flag_tolerance,
            "out": raw["out"], "cells_dir": raw["cells_dir"], "plots_dir": raw["plots_dir"], "doc": raw["doc"],
            "quick": bool(args.quick), "cli": given}
-    from dietprune.methods import METHODS
+    from dietprune.registry import METHODS
 
     bad = [m for m in cfg["methods"] if LABELS.get(m, (m,))[0] not in METHODS]
     if bad:

@@ -28,7 +28,8 @@ from dietprune.adapters import adapter_for  # noqa: E402
 from dietprune.encoding import batches, calibration_ids, wants_bos  # noqa: E402
 from dietprune.evaluate import perplexity  # noqa: E402
 from dietprune.merge import merge  # noqa: E402
-from dietprune.methods import PruneConfig, magnitude, random_dims, width_align  # noqa: E402
+from dietprune.methods import magnitude, random_dims, width_align  # noqa: E402
+from dietprune.registry import method_config  # noqa: E402
 from dietprune.models import load  # noqa: E402
 from dietprune.profile import ProfileConfig, load_calibration  # noqa: E402
 from dietprune.profile import profile as run_profile  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> int:
         state["cells"]["dense"] = {"ppl": perplexity(dense, tok, args.data_dir, max_tokens=args.ppl_tokens)}
     print(f"dense ppl {state['cells']['dense']['ppl']:.2f}  (load+eval {time.perf_counter() - t0:.0f}s)", flush=True)
 
-    cfg = PruneConfig(sparsity=args.sparsity, tasks=args.tasks)
+    cfg = method_config("diet", sparsity=args.sparsity, tasks=args.tasks)
     align = width_align(dense, cfg)
     profiles, norms = {}, None
     masks = {}

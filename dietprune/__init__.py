@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "profile": ("pipeline", "profile"),
     "prune": ("pipeline", "prune"),
-    "PruneConfig": ("methods", "PruneConfig"),
+    "PruneConfig": ("registry", "PruneConfig"),
+    "method_config": ("registry", "method_config"),
     "PruneResult": ("pipeline", "PruneResult"),
     "merge": ("merge", "merge"),
     "load": ("models", "load"),

@@ -59,12 +59,7 @@ def add_prune(sub):
     p.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--method", default="diet", help="structured method (see `dietprune ls`)")
     p.add_argument("--scores", default=None, help="reuse a scores file written by `dietprune profile`")
-    p.add_argument("--merge", default="vote", choices=["vote", "mean", "rank"])
-    p.add_argument("--align", type=int, default=1, help="keep a multiple of this many dimensions (e.g. 8, 64)")
-    p.add_argument("--repair", default=None,
-                   choices=["none", "rms", "ls", "rms+ls", "rms+ls+energy", "refit", "rms+refit", "rms+ls+refit"],
-                   help="training-free repair after the cut (default: see docs/method.md)")
-    p.add_argument("--ridge", type=float, default=1e-2, help="ridge of the least-squares repair")
+    method_options = _config_flags(p)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="saved dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard with --low-memory (e.g. 500MB)")
@@ -75,12 +70,10 @@ def add_prune(sub):
 
         res = prune(args.model, tasks=args.tasks, sparsity=args.sparsity, output=args.output,
                     scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite, dtype=args.dtype,
-                    method=args.method, samples=args.samples, seed=args.seed, merge=args.merge,
-                    align=args.align, ridge=args.ridge, skip_bos=args.skip_bos,
+                    method=args.method, samples=args.samples, seed=args.seed, skip_bos=args.skip_bos,
                     low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
-                    max_shard_size=args.max_shard_size,
-                    batch_size=args.batch_size, max_length=args.max_length,
-                    **({"tap": args.tap} if args.tap else {}), **({"repair": args.repair} if args.repair else {}))
+                    max_shard_size=args.max_shard_size, batch_size=args.batch_size, max_length=args.max_length,
+                    **{k: getattr(args, k) for k in ("tap", *method_options) if getattr(args, k) is not None})
         from .distributed import is_main
 
         if is_main():
@@ -88,6 +81,20 @@ def add_prune(sub):
         return 0
 
     return run
+
+
+def _config_flags(p: argparse.ArgumentParser) -> list[str]:
+    """One flag per option of the registered method configs (dietprune.registry); default None = the
+    method's own default, and an option the chosen method does not have is refused by its config."""
+    from .registry import cli_options
+
+    names = []
+    for name, kind, default, meta in cli_options():
+        extra = {"choices": list(meta["choices"])} if "choices" in meta else {"type": kind}
+        p.add_argument("--" + name.replace("_", "-"), default=None, help=f"{meta['help']} (default {default})",
+                       **extra)
+        names.append(name)
+    return names
 
 
 def format_summary(s: dict, output) -> str:
@@ -141,13 +148,13 @@ def add_ls(sub):
 
     def run(args) -> int:
         from .adapters import supported_model_types
-        from .methods import METHODS
         from .models import PRESETS
+        from .registry import METHODS
         from .tasks import list_tasks
 
         print("presets:       " + ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items()))
         print("tasks:         " + ", ".join(list_tasks()))
-        print("methods:       " + ", ".join(sorted(METHODS)))
+        print("methods:       " + ", ".join(f"{n} ({m.config.__name__})" for n, m in sorted(METHODS.items())))
         print("architectures: " + ", ".join(supported_model_types()))
         return 0
 

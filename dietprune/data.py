@@ -8,14 +8,13 @@ the first ``limit`` rows (as ``lm_eval --limit`` does).
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
 from pathlib import Path
 
 from .errors import DietpruneError
 from .tasks import Example, Task
+from .userfiles import read_user_file
 
 DATA_ENV = "DIETPRUNE_DATA_DIR"
 
@@ -28,46 +27,6 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     if not p.is_dir():
         raise DietpruneError(f"data dir {p} does not exist (from {'--data-dir' if explicit else DATA_ENV})")
     return p
-
-
-def read_file_fields(path: str | os.PathLike) -> list[str]:
-    """Field names of a user task file (first record); clear errors for empty/malformed files."""
-    rows = _read_user_file(Path(path), limit=1)
-    return list(rows[0])
-
-
-def _read_user_file(path: Path, limit: int | None = None) -> list[dict]:
-    if not path.is_file():
-        raise DietpruneError(f"task file not found: {path}")
-    rows: list[dict] = []
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            try:
-                for row in csv.DictReader(fh):
-                    rows.append(row)
-                    if limit and len(rows) >= limit:
-                        break
-            except csv.Error as exc:
-                raise DietpruneError(f"task file {path}: malformed CSV ({exc})") from exc
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DietpruneError(f"task file {path}, line {lineno}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise DietpruneError(f"task file {path}, line {lineno}: expected a JSON object")
-                rows.append(row)
-                if limit and len(rows) >= limit:
-                    break
-    else:
-        raise DietpruneError(f"task file {path}: use .jsonl or .csv")
-    if not rows:
-        raise DietpruneError(f"task file {path} is empty")
-    return rows
 
 
 def _load_local(task: Task, role: str, root: Path) -> list[dict]:
@@ -100,7 +59,7 @@ def _load_hub(task: Task, role: str) -> list[dict]:
 def load_rows(task: Task, role: str, data_dir_: str | os.PathLike | None = None) -> list[dict]:
     """All rows of a task for a role ('calib' or 'eval')."""
     if task.path is not None:
-        rows = _read_user_file(Path(task.path))
+        rows = read_user_file(Path(task.path))
     else:
         root = data_dir(data_dir_)
         rows = _load_local(task, role, root) if root else _load_hub(task, role)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DietpruneError
+from .registry import MERGES, check_sparsity  # noqa: F401
 
-MERGES = ("vote", "mean", "rank")
 
 
 def keep_count(d: int, sparsity: float, align: int = 1) -> int:
@@ -22,11 +22,6 @@ def keep_count(d: int, sparsity: float, align: int = 1) -> int:
     if align > 1:
         k = max(align, int(round(k / align)) * align)
     return max(1, min(d, k))
-
-
-def check_sparsity(sparsity: float) -> None:
-    if not (0.0 <= float(sparsity) < 1.0) or sparsity != sparsity:
-        raise DietpruneError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
 def order_by(*keys: torch.Tensor) -> torch.Tensor:

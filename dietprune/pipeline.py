@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .adapters import adapter_for, param_count
 from .errors import DietpruneError
-from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
+from .registry import HiddenConfig, MethodContext, PruneConfig, method_config, spec
 from .models import LoadedModel, load, model_fingerprint
 from .outputs import check_output_dir, check_output_file, check_replaceable, input_paths
 from .profile import ProfileConfig, load_calibration
@@ -161,24 +161,26 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     if config is None:
         if tasks is not None:
             options["tasks"] = tasks
-        config = PruneConfig(sparsity=sparsity, **options)
+        config = method_config(options.pop("method", "diet"), sparsity=sparsity, **options)
     task_list = parse_tasks(config.tasks)
     out = check_output_dir(output, overwrite, input_paths(model)) if output is not None else None
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    needs_profile, method_fn = METHODS[config.method]
-    use_rms, use_ls = parse_repair(config.repair)
-    use_refit = uses_refit(config.repair)
+    method = spec(config.method)
+    repair = config.repair if isinstance(config, HiddenConfig) else "none"
+    use_rms, use_ls = parse_repair(repair)
+    use_refit = uses_refit(repair)
     timings: dict[str, float] = {}
     if device is None and device_map is None:
         from . import distributed
 
         device = distributed.device()
-    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
-                         max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
+    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=getattr(config, "tap", ProfileConfig.tap),
+                         batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos,
+                         gram=use_ls)
     examples = None
-    if use_refit or (scores is None and (needs_profile or ((use_rms or use_ls)
-                                                             and config.method not in SELF_CALIBRATED))):
+    if use_refit or (scores is None and (method.needs_profile or ((use_rms or use_ls)
+                                                                    and not method.self_calibrated))):
         t0 = time.perf_counter()
         examples = load_calibration(task_list, pcfg, data_dir)  # data errors before the model loads
         timings["data"] = time.perf_counter() - t0
@@ -219,7 +221,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     timings["profile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    selection = _select(method_fn, net, config, MethodContext(profile=prof, tokenizer=lm.tokenizer,
+    selection = _select(method.function(), net, config, MethodContext(profile=prof, tokenizer=lm.tokenizer,
                                                              data_dir=data_dir), source)
     kept = selection.kept
     timings["select"] = time.perf_counter() - t0
@@ -231,7 +233,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     else:
         repair_prof = selection.repair_profile if selection.repair_profile is not None else prof
         plan = CutPlan(net, kept, None if repair_prof is None else repair_prof.norms, rms=use_rms, ls=use_ls,
-                       ridge=config.ridge, energy=uses_energy(config.repair), adapter=adapter)
+                       ridge=config.ridge, energy=uses_energy(repair), adapter=adapter)
         if use_rms:
             repair_info["rms_factors"] = plan.rms_factors()
         if not source.streamed:

@@ -25,11 +25,10 @@ from .data import calibration_examples
 from .encoding import calibration_ids, wants_bos
 from .engine import RESIDENT, Batch, Observer, Run, WeightSource, make_batches, output_tensor
 from .errors import DietpruneError
+from .registry import DEFAULT_TAP, TAPS
 from .stats import Moments, NormStats, Profile, TaskStats
 from .tasks import Task, parse_tasks
 
-TAPS = ("residual", "norm-out", "write")
-DEFAULT_TAP = "norm-out"
 
 
 def block_tap_names(adapter: ModelAdapter, tap: str) -> tuple[str, ...]:

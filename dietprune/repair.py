@@ -24,9 +24,9 @@ from torch import nn
 
 from .adapters import ModelAdapter, adapter_for
 from .errors import DietpruneError
+from .registry import REPAIRS
 from .stats import NormStats
 
-REPAIRS = ("none", "rms", "ls", "rms+ls", "rms+ls+energy", "refit", "rms+refit", "rms+ls+refit")
 
 
 def parse_repair(repair: str | None) -> tuple[bool, bool]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import DietpruneError
+from .userfiles import read_file_fields
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,6 @@ def custom_task(name: str, path: str, fields: list[str]) -> Task:
 def get_task(spec: str) -> Task:
     """`name` from the registry, or `name=path.jsonl|csv` for a custom task."""
     if "=" in spec:
-        from .data import read_file_fields
-
         name, path = spec.split("=", 1)
         if not name or not path:
             raise DietpruneError(f"custom task '{spec}' must look like name=path.jsonl")

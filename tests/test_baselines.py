@@ -341,10 +341,10 @@ def test_wanda_sp_prunes_a_dead_group_first(tok, data_dir):
             w = get_module(block, name).weight
             w[group_rows(torch.tensor([3]), w.shape[0] // 4)] = 0
         get_module(block, adapter.o_proj).weight[:, group_rows(torch.tensor([3]), 16)] = 0
-    from dietprune.methods import METHODS, MethodContext, PruneConfig
+    from dietprune.registry import METHODS, MethodContext, method_config
 
-    cfg = PruneConfig(method="wanda-sp", sparsity=0.3, **RUN)
-    sel = METHODS["wanda-sp"][1](model, cfg, MethodContext(tokenizer=tok, data_dir=data_dir))
+    cfg = method_config("wanda-sp", sparsity=0.3, **RUN)
+    sel = METHODS["wanda-sp"].function()(model, cfg, MethodContext(tokenizer=tok, data_dir=data_dir))
     kept = sel.tensors["kept_groups"][1].tolist()
     assert len(kept) < 4 and 3 not in kept
 

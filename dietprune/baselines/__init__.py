@@ -1,4 +1,4 @@
-"""Structured baselines for comparison with DIET, registered in ``dietprune.methods``.
+"""Structured baselines for comparison with DIET; their specs and configs are in ``dietprune.registry``.
 
 Pure scores (``scores``) are separate from the code that cuts a model in place (``heads``,
 ``channels``, ``layers``, ``bias``); ``plan`` matches a parameter budget with the widths a stock

@@ -1,4 +1,4 @@
-"""The structured baselines, registered in the same table as DIET.
+"""The structured baselines (their specs and configs are in ``dietprune.registry``, beside DIET's).
 
 - ``agnostic``: DIET's activation score on general text (wikitext2 calib.jsonl) instead of the
   task data; hidden dimensions, merged and repaired as DIET does (repairs use the wikitext2
@@ -26,7 +26,8 @@ import torch
 
 from ..adapters import adapter_for, get_module, param_count
 from ..merge import merge, order_by
-from ..methods import MethodContext, PruneConfig, Selection, register, width_align
+from ..methods import width_align
+from ..registry import MethodContext, PruneConfig, Selection
 from ..repair import parse_repair
 from . import scores as S
 from .bias import add_to_bias_, enable_bias_
@@ -54,7 +55,6 @@ def _calibration_info(config: PruneConfig, sequences, tokens: int) -> dict:
             "tokens": tokens, "seed": config.seed}
 
 
-@register("agnostic", needs_profile=False, self_calibrated=True)
 def agnostic(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     """DIET's score and merge, profiled on wikitext2 text rather than on the tasks."""
     from ..profile import ProfileConfig, profile
@@ -85,7 +85,6 @@ def _cut(adapter, kept_groups, kept_channels):
     return apply
 
 
-@register("wanda-sp", needs_profile=False, self_calibrated=True)
 @torch.no_grad()
 def wanda_sp(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     """KV groups and MLP channels by Σ|W|·‖X‖ over each unit's weights, one ratio for all layers.
@@ -141,7 +140,6 @@ def global_attention_share(attn_z: torch.Tensor, mlp_z: torch.Tensor, group_cost
     return float(attn / removed.sum()) if removed.sum() > 0 else 0.0
 
 
-@register("flap", needs_profile=False, self_calibrated=True)
 @torch.no_grad()
 def flap(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     """FLAP: fluctuation metric, global attention-vs-MLP competition, bias compensation.
@@ -235,7 +233,6 @@ def layers_to_remove(influence: torch.Tensor, block_params: list[int], total: in
     return sorted(order[:best_n])
 
 
-@register("shortgpt", needs_profile=False, self_calibrated=True)
 @torch.no_grad()
 def shortgpt(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     """ShortGPT: remove the decoder layers with the lowest Block Influence (1 − mean cos(in, out))."""
