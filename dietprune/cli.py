@@ -44,6 +44,7 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --low-memory: keep the activations between blocks in memory or in a scratch file")
     p.add_argument("--device-map", default=None, choices=["auto"],
                    help="spread a model larger than one GPU over all GPUs (accelerate big-model loading)")
+    p.add_argument("--device", default=None, help="run profiling, repair and the cut there (e.g. cuda, cuda:1, cpu)")
 
 
 def _diet_tasks():
@@ -72,7 +73,8 @@ def add_prune(sub):
                     scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite, dtype=args.dtype,
                     method=args.method, samples=args.samples, seed=args.seed, skip_bos=args.skip_bos,
                     low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
-                    max_shard_size=args.max_shard_size, batch_size=args.batch_size, max_length=args.max_length,
+                    device=args.device, max_shard_size=args.max_shard_size, batch_size=args.batch_size,
+                    max_length=args.max_length,
                     **{k: getattr(args, k) for k in ("tap", *method_options) if getattr(args, k) is not None})
         from .distributed import is_main
 
@@ -128,7 +130,8 @@ def add_profile(sub):
         prof = profile(args.model, args.tasks, samples=args.samples, seed=args.seed, tap=args.tap,
                        data_dir=args.data_dir, output=args.output, batch_size=args.batch_size,
                        max_length=args.max_length, skip_bos=args.skip_bos, gram=args.gram,
-                       low_memory=args.low_memory, offload=args.offload, device_map=args.device_map)
+                       low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
+                       device=args.device)
         tokens = prof.meta["tokens"]
         from .distributed import is_main, world_size
 

@@ -58,15 +58,17 @@ def _as_loaded(model, tokenizer=None) -> LoadedModel:
 
 def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = None, data_dir=None,
             output=None, tokenizer=None, low_memory: bool | None = None, device_map: str | None = None,
-            offload: str = "auto", **kwargs) -> Profile:
+            offload: str = "auto", device: str | None = None, **kwargs) -> Profile:
     """Profile per-task DIET importance; optionally save it as safetensors.
 
     `low_memory`: stream one block at a time from a safetensors folder (None: only when the
     model would not fit in the available RAM). Under torchrun / accelerate launch every process
     profiles its share of the samples, the sums are all-reduced and rank 0 writes `output`.
+    `device`: where a model named by spec is loaded (or a streamed model's blocks are read) to run.
     """
     from . import distributed
 
+    device = device or distributed.device()
     parse_tasks(tasks)  # fail on bad task names before loading a model
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
     if output is not None:
@@ -76,13 +78,13 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     if folder is not None:
         from .streaming import open_streamed
 
-        lm, source = open_streamed(folder, str(model))
+        lm, source = open_streamed(folder, str(model), device or "cpu")
         prof = run_profile(lm.model, tokenizer or lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
                            examples=examples, source=source, fingerprint=source.fingerprint(lm.model),
                            offload=offload)
     else:
         if isinstance(model, (str, os.PathLike)):
-            model = load(str(model), device=distributed.device(), device_map=device_map)
+            model = load(str(model), device=device, device_map=device_map)
         lm = _as_loaded(model, tokenizer)
         prof = run_profile(lm.model, lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
                            examples=examples, offload=offload)

@@ -62,8 +62,8 @@ def solve_refit(w_dense: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tens
     """(W C + λW₀)(Ĝ + λI)⁻¹ with λ = ridge · mean(diag Ĝ) and W₀ = `prior` (zero if None);
     float64 inside, dtype of w_dense out."""
     lam = ridge * torch.diagonal(gram_hat).mean().clamp_min(1e-12)
-    eye = torch.eye(gram_hat.shape[0], dtype=torch.float64)
-    rhs = w_dense.double() @ cross
+    eye = torch.eye(gram_hat.shape[0], dtype=torch.float64, device=gram_hat.device)
+    rhs = w_dense.double() @ cross.to(w_dense.device)
     if prior is not None:
         rhs = rhs + lam * prior.double()
     rhs = rhs.T  # W' (Ĝ + λI) = W C + λW₀, and Ĝ is symmetric

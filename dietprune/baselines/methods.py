@@ -110,9 +110,11 @@ def wanda_sp(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     group_scores, channel_scores = [], []
     for i, block in enumerate(adapter.blocks(model)):
         q, k, v, o, ins, down = _layer_weights(block, adapter)
-        norm = {n: S.rms_from_sums(moms[n][i].sq, moms[n][i].count) for n in names}
-        group_scores.append(S.wanda_group_scores(q, k, v, o, norm[adapter.q_proj], norm[adapter.o_proj], G))
-        channel_scores.append(S.wanda_channel_scores(ins, down, norm[adapter.mlp_in[0]], norm[adapter.mlp_out]))
+        # statistics to the weights' device, scores back to the CPU
+        norm = {n: S.rms_from_sums(moms[n][i].sq, moms[n][i].count).to(q.device) for n in names}
+        group_scores.append(S.wanda_group_scores(q, k, v, o, norm[adapter.q_proj], norm[adapter.o_proj], G).cpu())
+        channel_scores.append(S.wanda_channel_scores(ins, down, norm[adapter.mlp_in[0]],
+                                                     norm[adapter.mlp_out]).cpu())
     kept_g = [S.keep_top(s, choice.groups) for s in group_scores]
     kept_c = [S.keep_top(s, choice.channels) for s in channel_scores]
     tensors = {"group_scores": torch.stack(group_scores).float(), "channel_scores": torch.stack(channel_scores).float(),
@@ -170,8 +172,10 @@ def flap(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     for i, block in enumerate(adapter.blocks(model)):
         o, down = get_module(block, adapter.o_proj).weight, get_module(block, adapter.mlp_out).weight
         mo, md = moms[adapter.o_proj][i], moms[adapter.mlp_out][i]
-        group_scores.append(S.group_sums(S.fluctuation(S.variance_from_sums(mo.sum, mo.sq, mo.count), o), G))
-        channel_scores.append(S.fluctuation(S.variance_from_sums(md.sum, md.sq, md.count), down))
+        var_o = S.variance_from_sums(mo.sum, mo.sq, mo.count).to(o.device)
+        var_d = S.variance_from_sums(md.sum, md.sq, md.count).to(down.device)
+        group_scores.append(S.group_sums(S.fluctuation(var_o, o), G).cpu())
+        channel_scores.append(S.fluctuation(var_d, down).cpu())
     attn_z, mlp_z = S.standardize(torch.stack(group_scores)), S.standardize(torch.stack(channel_scores))
     to_remove = budget.params(G, C) - (1.0 - config.sparsity) * budget.total
     share = global_attention_share(attn_z, mlp_z, budget.group_cost, budget.channel_cost, to_remove)

@@ -81,7 +81,9 @@ def compensation_bias(weight: torch.Tensor, mean_in: torch.Tensor, removed: torc
     """What removed input features add on average to a linear layer's output: W[:, R] · E[x_R]."""
     if removed.numel() == 0:
         return torch.zeros(weight.shape[0], dtype=torch.float64)
-    return weight.double()[:, removed] @ mean_in.double()[removed]
+    w = weight.double()  # computed on the weight's device, returned on the CPU
+    removed = removed.to(w.device)
+    return (w[:, removed] @ mean_in.to(w.device, torch.float64)[removed]).cpu()
 
 
 def cosine_sum(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, int]:

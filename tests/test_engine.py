@@ -1,0 +1,198 @@
+"""The block-sequential engine, the typed registry, and device-correct repairs (CPU-only checks)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dietprune import engine
+from dietprune.adapters import adapter_for, get_module
+from dietprune.errors import DietpruneError
+from dietprune.profile import DietObserver
+from tiny import tiny_model, tiny_tokenizer
+
+
+def _seqs(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 128, (int(torch.randint(3, 14, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+class _Record(engine.Observer):
+    """Keeps every block's input, per batch."""
+
+    def __init__(self):
+        self.inputs = {}
+
+    def attach(self, block, index, run):
+        return [block.register_forward_pre_hook(
+            lambda m, args: self.inputs.setdefault(index, []).append(args[0].clone()))]
+
+
+class _ZeroMlp(engine.Observer):
+    """Changes block `at` once its statistics pass is over (as a pruning observer does)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def finish_block(self, block, index, run):
+        if index != self.at:
+            return False
+        get_module(block, "mlp.down_proj").weight.zero_()
+        return True
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama"])
+def test_changed_block_is_rerun_before_the_next_block(arch):
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    batches = engine.make_batches(_seqs(), 2, tok)
+    rec = _Record()
+    engine.run(model, batches, [_ZeroMlp(0), rec])
+    # after the run the model holds the changed block 0: a plain forward of it feeds block 1 what the engine fed
+    seen = []
+    h = adapter_for(model).blocks(model)[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b.ids, attention_mask=b.attn, use_cache=False)
+    h.remove()
+    for a, b, batch in zip(rec.inputs[1], seen, batches):
+        torch.testing.assert_close(a[batch.mask], b[batch.mask], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
+def test_activations_on_disk_give_the_same_statistics(arch):
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    adapter = adapter_for(model)
+    batches = engine.make_batches(_seqs(7), 3, tok, tag="t")
+    stats = []
+    for offload in ("memory", "disk"):
+        obs = DietObserver(adapter, model.config, "norm-out", ["t"], gram=True)
+        report = engine.run(model, batches, [obs], offload=offload)
+        assert report.activations_on_disk == (offload == "disk")
+        stats.append(obs)
+    assert torch.equal(stats[0].abs["t"], stats[1].abs["t"])
+    assert torch.equal(stats[0].gram, stats[1].gram) and torch.equal(stats[0].final_in_sq, stats[1].final_in_sq)
+
+
+def test_engine_refuses_empty_plan_and_bad_offload():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(DietpruneError, match="no calibration"):
+        engine.run(model, [], [])
+    with pytest.raises(DietpruneError, match="offload"):
+        engine.run(model, engine.make_batches(_seqs(2), 2, tok), [], offload="tape")
+
+
+# ---- devices: every repair is computed on the weight's device --------------------------------------
+
+class _SameDevice(torch.overrides.TorchFunctionMode):
+    """Fails any torch operation that mixes tensors of two devices (0-dim CPU scalars aside)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = set()
+
+        def visit(x):
+            if isinstance(x, torch.Tensor) and not (x.dim() == 0 and x.device.type == "cpu"):
+                devices.add(x.device.type)
+            elif isinstance(x, (list, tuple)):
+                for y in x:
+                    visit(y)
+
+        for a in list(args) + list(kwargs.values()):
+            visit(a)
+        name = getattr(func, "__name__", "")
+        if len(devices) > 1 and name not in ("to", "copy_", "__get__"):
+            raise AssertionError(f"{name} mixes devices {sorted(devices)}")
+        return func(*args, **kwargs)
+
+
+def _norms(model):
+    from dietprune.stats import NormStats
+
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    adapter = adapter_for(model)
+    g = torch.randn(L, len(adapter.reader_norms()), d, 2 * d, dtype=torch.float64)
+    gram = g @ g.transpose(-1, -2)
+    fg = torch.randn(d, 2 * d, dtype=torch.float64)
+    return NormStats(torch.rand(L, len(adapter.residual_norms), d, dtype=torch.float64) + 0.1,
+                     torch.rand(d, dtype=torch.float64) + 0.1, 10, gram, fg @ fg.T)
+
+
+@pytest.mark.parametrize("energy", [False, True])
+def test_cut_plan_follows_the_weights_device(energy):
+    """Statistics stay on the CPU; the weights live on another device ('meta' stands in for a GPU)."""
+    from dietprune.repair import CutPlan
+
+    model = tiny_model("llama")  # untied lm_head: the head fold runs too
+    kept = torch.arange(0, 64, 2)
+    plan = CutPlan(model, kept, _norms(model), rms=True, ls=True, energy=energy)
+    touched = 0
+    with _SameDevice():
+        for name, p in model.named_parameters():
+            out = plan.transform(name, p.detach().to("meta"))
+            assert out.device.type == "meta" and out.shape == p.shape and out.dtype == p.dtype, name
+            touched += out is not p
+    assert touched
+
+
+def test_refit_solve_and_flap_bias_follow_the_weights_device():
+    from dietprune.baselines.scores import compensation_bias
+    from dietprune.refit import solve_refit
+
+    w = torch.randn(6, 8, device="meta")
+    gram_hat = torch.randn(5, 5, dtype=torch.float64, device="meta")
+    cross = torch.randn(8, 5, dtype=torch.float64, device="meta")
+    with _SameDevice():
+        assert solve_refit(w, gram_hat, cross, 1e-3).device.type == "meta"
+    with _SameDevice():
+        out = compensation_bias(torch.randn(6, 8), torch.randn(8, dtype=torch.float64), torch.tensor([1, 3]))
+    assert out.shape == (6,)
+
+
+def test_prune_on_a_device_moves_the_copy_not_the_callers_model(data_dir):
+    from dietprune.pipeline import prune
+
+    model, tok = tiny_model("qwen3").to(torch.bfloat16), tiny_tokenizer()
+    res = prune(model, tokenizer=tok, tasks="boolq", sparsity=0.25, samples=4, batch_size=4, max_length=32,
+                data_dir=data_dir, repair="rms", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.config.hidden_size == 64
+    assert res.model.config.hidden_size == 48 and next(res.model.parameters()).dtype == torch.bfloat16
+
+
+# ---- the registry -------------------------------------------------------------------------------------
+
+def test_registry_imports_no_implementation():
+    code = ("import sys, dietprune.registry as r; r.METHODS['diet'].config(); "
+            "bad = [m for m in sys.modules if m.startswith(('dietprune.methods', 'dietprune.baselines', "
+            "'dietprune.profile', 'torch'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_method_takes_only_its_own_options():
+    from dietprune.registry import METHODS, method_config
+
+    short = method_config("shortgpt", sparsity=0.1)
+    assert "repair" not in short.to_dict() and "merge" not in short.to_dict()
+    with pytest.raises(DietpruneError, match="has no option repair"):
+        method_config("shortgpt", repair="rms")
+    with pytest.raises(DietpruneError, match="unknown merge"):
+        method_config("diet", merge="median")
+    assert method_config("diet").repair == "rms+ls"
+    for name, spec in METHODS.items():  # every declared implementation resolves
+        assert callable(spec.function()), name
+
+
+def test_cli_flags_come_from_the_configs():
+    from dataclasses import fields
+
+    from dietprune.cli import build_parser
+    from dietprune.registry import METHODS
+
+    parser, _ = build_parser()
+    prune_parser = parser._subparsers._group_actions[0].choices["prune"]
+    flags = {s for a in prune_parser._actions for s in a.option_strings}
+    for spec in METHODS.values():
+        for f in fields(spec.config):
+            if f.metadata.get("cli"):
+                assert "--" + f.name.replace("_", "-") in flags
