@@ -10,9 +10,9 @@ coordinates are gone, and everything upstream has drifted. The re-fit solves, pe
 where y_t comes from the dense model and ŷ_t from the pruned model on the same calibration
 token, and W₀ is the projection's weight before the re-fit (the sliced dense weight, or the
 least-squares fold when `ls` ran first): the ridge pulls the fit towards it, not towards zero.
-It runs in one forward pass of the pruned model: a hook on each reader norm re-fits the
-projections that read it before they run, so every block is fitted on inputs produced by the
-already re-fitted blocks before it. The architecture is unchanged; only reader weights move.
+It runs as one engine pass (``dietprune.engine``) over the pruned model: a hook on each reader
+norm re-fits the projections that read it before they run, so every block is fitted on inputs
+produced by the already re-fitted blocks before it. The architecture is unchanged; only reader weights move.
 """
 
 from __future__ import annotations
@@ -20,35 +20,60 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import engine
 from .adapters import ModelAdapter, adapter_for, get_module
 from .encoding import batches, calibration_ids, wants_bos
+from .engine import Batch, Observer
+
+
+class _NormOutputs(Observer):
+    """Records every reader norm's output over the selected tokens (the re-fit's dense targets)."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter, self.out = adapter, {}
+
+    def attach(self, block, index, run):
+        def hook(module, args, output, key):
+            self.out[key] = output[run.mask].detach().float()
+
+        return [get_module(block, n).register_forward_hook(lambda m, a, o, key=(index, n): hook(m, a, o, key))
+                for n in self.adapter.reader_norms()]
+
+
+class _Refit(Observer):
+    """Re-fits the projections reading each norm inside the block's pass, before they run: every block is
+    fitted on inputs produced by the already re-fitted blocks before it, and its outputs (passed on by the
+    engine) are those of the re-fitted block, so no rerun is needed."""
+
+    def __init__(self, adapter, dense_weights, targets, ridge):
+        self.adapter, self.dense_weights, self.targets, self.ridge = adapter, dense_weights, targets, ridge
+        self.report: dict[str, tuple[float, float]] = {}
+
+    def attach(self, block, index, run):
+        def hook(module, args, output, norm_name):
+            gram_hat, cross, gram = moments(self.targets[(index, norm_name)], output[run.mask])
+            for proj in self.adapter.norm_readers[norm_name]:
+                lin = get_module(block, proj)
+                w = self.dense_weights[(index, proj)]
+                before = relative_error(lin.weight, w, gram_hat, cross, gram)
+                lin.weight.data.copy_(solve_refit(w, gram_hat, cross, self.ridge, prior=lin.weight))
+                self.report[f"{index}.{proj}"] = (before, relative_error(lin.weight, w, gram_hat, cross, gram))
+
+        return [get_module(block, n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
+                for n in self.adapter.norm_readers]
+
+
+def _one_batch(ids: torch.Tensor, attn: torch.Tensor) -> list[Batch]:
+    return [Batch(ids, attn, attn.bool())]
 
 
 @torch.no_grad()
 def capture_norm_outputs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor,
                          adapter: ModelAdapter | None = None) -> dict[tuple[int, str], torch.Tensor]:
     """Outputs of every reader norm over the non-padding tokens: {(layer, norm): [tokens, d]}."""
-    adapter = adapter or adapter_for(model)
-    mask = attn.bool()
-    out: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-    for i, block in enumerate(adapter.blocks(model)):
-        for name in adapter.reader_norms():
-            def hook(module, args, output, key=(i, name)):
-                out[key] = output[mask].detach().float()
-
-            handles.append(get_module(block, name).register_forward_hook(hook))
-    _forward_once(model, handles, ids, attn)
-    return out
-
-
-def _forward_once(model: nn.Module, handles: list, ids: torch.Tensor, attn: torch.Tensor) -> None:
-    """One forward pass for the hooks' sake (no logits beyond the last position), then unhook."""
-    try:
-        model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+    obs = _NormOutputs(adapter or adapter_for(model))
+    engine.run(model, _one_batch(ids, attn), [obs], desc="refit targets")
+    return obs.out
 
 
 def moments(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,24 +112,9 @@ def refit_readers_(pruned: nn.Module, dense_weights: dict[tuple[int, str], torch
     `dense_weights[(layer, proj)]` is the dense model's weight of that projection,
     `targets[(layer, norm)]` the dense model's norm output on the same tokens (capture_norm_outputs).
     """
-    adapter = adapter or adapter_for(pruned)
-    mask = attn.bool()
-    report: dict[str, tuple[float, float]] = {}
-    handles = []
-    for i, block in enumerate(adapter.blocks(pruned)):
-        for norm_name, readers in adapter.norm_readers.items():
-            def hook(module, args, output, i=i, norm_name=norm_name, readers=readers, block=block):
-                gram_hat, cross, gram = moments(targets[(i, norm_name)], output[mask])
-                for proj in readers:
-                    lin = get_module(block, proj)
-                    w = dense_weights[(i, proj)]
-                    before = relative_error(lin.weight, w, gram_hat, cross, gram)
-                    lin.weight.data.copy_(solve_refit(w, gram_hat, cross, ridge, prior=lin.weight))
-                    report[f"{i}.{proj}"] = (before, relative_error(lin.weight, w, gram_hat, cross, gram))
-
-            handles.append(get_module(block, norm_name).register_forward_hook(hook))
-    _forward_once(pruned, handles, ids, attn)
-    return report
+    obs = _Refit(adapter or adapter_for(pruned), dense_weights, targets, ridge)
+    engine.run(pruned, _one_batch(ids, attn), [obs], desc="refit")
+    return obs.report
 
 
 def reader_weights(model: nn.Module, adapter: ModelAdapter | None = None) -> dict[tuple[int, str], torch.Tensor]:
