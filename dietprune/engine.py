@@ -134,6 +134,19 @@ class WeightSource:
 RESIDENT = WeightSource()
 
 
+def each_block(model: nn.Module, source: WeightSource = RESIDENT, desc: str | None = None):
+    """Yield (index, block) with the block's weights onloaded, offloading each after use (weights-only passes)."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    for i, block in enumerate(progress(blocks, desc=desc) if desc else blocks):
+        path = f"{adapter.layers}.{i}"
+        source.onload(model, path, block)
+        try:
+            yield i, block
+        finally:
+            source.offload(model, path, block)
+
+
 def output_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 

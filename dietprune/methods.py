@@ -57,23 +57,32 @@ def random_dims(model, config: PruneConfig, ctx: MethodContext) -> Selection:
 
 @torch.no_grad()
 def magnitude(model, config: PruneConfig, ctx: MethodContext) -> Selection:
-    """Hidden dimensions by the L2 norm of every weight slice that touches them."""
+    """Hidden dimensions by the L2 norm of every weight slice that touches them (block by block: streamable)."""
     from .adapters import adapter_for, get_module
+    from .engine import RESIDENT, each_block
     from .merge import order_by
 
     adapter = adapter_for(model)
+    source = (ctx.source if ctx is not None else None) or RESIDENT
     d = model.config.hidden_size
-    emb = adapter.embedding(model).weight
-    sq = torch.zeros(d, dtype=torch.float64, device=emb.device)  # on the weights' device (GPU-safe)
-    sq += emb.double().pow(2).sum(0)
+    sq = torch.zeros(d, dtype=torch.float64)  # the sums stay on the CPU; each term is computed on its weight's device
+
+    def add(w: torch.Tensor, dim: int) -> None:
+        sq.add_(w.double().pow(2).sum(dim).cpu())
+
+    outer = [(adapter.embed, adapter.embedding(model))]
     if not adapter.tied(model):
-        sq += adapter.output_head(model).weight.double().pow(2).sum(0).to(sq.device)
-    for block in adapter.blocks(model):
+        outer.append((adapter.lm_head, adapter.output_head(model)))
+    for path, module in outer:
+        source.onload(model, path, module)
+        try:
+            add(module.weight, 0)
+        finally:
+            source.offload(model, path, module)
+    for _, block in each_block(model, source):
         for name in adapter.readers:
-            sq += get_module(block, name).weight.double().pow(2).sum(0).to(sq.device)
+            add(get_module(block, name).weight, 0)
         for name in adapter.writers:
-            sq += get_module(block, name).weight.double().pow(2).sum(1).to(sq.device)
-    sq = sq.cpu()
+            add(get_module(block, name).weight, 1)
     kept = torch.sort(order_by(sq.sqrt())[:target_width(model, config)]).values
     return Selection(kept, {"weight_norm": sq.sqrt().float()})
-

@@ -224,14 +224,15 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
 
     t0 = time.perf_counter()
     selection = _select(method.function(), net, config, MethodContext(profile=prof, tokenizer=lm.tokenizer,
-                                                             data_dir=data_dir), source)
+                                                                      data_dir=data_dir, source=source), source)
     kept = selection.kept
     timings["select"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     repair_info, plan = {}, None
     if selection.apply is not None:
-        selection.apply(net)
+        if not source.streamed:  # a streamed model is cut while its checkpoint is written
+            selection.apply(net)
     else:
         repair_prof = selection.repair_profile if selection.repair_profile is not None else prof
         plan = CutPlan(net, kept, None if repair_prof is None else repair_prof.norms, rms=use_rms, ls=use_ls,
@@ -243,7 +244,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     timings["cut"] = time.perf_counter() - t0
 
     summary = {"model": lm.spec, "method": config.method, "hidden_size_before": d,
-               "hidden_size_after": len(kept) if source.streamed else net.config.hidden_size,
+               "hidden_size_after": len(kept) if source.streamed and kept is not None else net.config.hidden_size,
                "params_before": params_before}
     if source.streamed:
         summary["low_memory"] = True
@@ -263,11 +264,12 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
             tensors["kept"] = kept.to(torch.int64)
         write_model = None
         if source.streamed:
-            from .streaming import parse_size, stream_checkpoint
+            from .streaming import parse_size, stream_apply, stream_checkpoint
 
             def write_model(tmp: Path) -> None:
-                written = stream_checkpoint(net, source.ckpt, plan, tmp, dtype=dtype,
-                                            max_shard_bytes=parse_size(max_shard_size))
+                size = parse_size(max_shard_size)
+                written = stream_checkpoint(net, source.ckpt, plan, tmp, dtype=dtype, max_shard_bytes=size) \
+                    if plan is not None else stream_apply(net, source.ckpt, selection.apply, tmp, dtype, size)
                 summary["params_after"] = written["params_after"]
                 summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
 
@@ -295,7 +297,7 @@ def _select(method_fn, net, config: PruneConfig, ctx: MethodContext, source):
             selection = method_fn(net, config, ctx)
     except WeightsNeeded as exc:
         raise DietpruneError(refuse) from exc
-    if selection.apply is not None or selection.kept is None or selection.kept.device.type == "meta":
+    if selection.apply is None and (selection.kept is None or selection.kept.device.type == "meta"):
         raise DietpruneError(refuse)
     return selection
 

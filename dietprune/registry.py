@@ -140,6 +140,7 @@ class MethodContext:
     profile: object = None  # stats.Profile on the task data, when the method needs one
     tokenizer: object = None
     data_dir: object = None
+    source: object = None  # engine.WeightSource of the model's weights (None: resident)
 
 
 @dataclass(frozen=True)

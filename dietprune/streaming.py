@@ -363,6 +363,11 @@ def stream_checkpoint(model: nn.Module, ckpt: Checkpoint, plan, folder: Path, dt
         writer.close()
     config = copy.deepcopy(model.config)
     cut_config_(config, len(kept))
+    _write_configs(model, config, ckpt, folder, dtype)
+    return {"params_after": params_after}
+
+
+def _write_configs(model: nn.Module, config, ckpt: Checkpoint, folder: Path, dtype: str | None) -> None:
     config.dtype = getattr(torch, dtype) if dtype else torch.float32
     config.save_pretrained(folder)
     if model.can_generate():
@@ -372,7 +377,51 @@ def stream_checkpoint(model: nn.Module, ckpt: Checkpoint, plan, folder: Path, dt
         gen = GenerationConfig.from_pretrained(ckpt.folder) if src.is_file() else \
             GenerationConfig.from_model_config(config)
         gen.save_pretrained(folder)
-    return {"params_after": params_after}
+
+
+@torch.no_grad()
+def stream_apply(model: nn.Module, ckpt: Checkpoint, apply, folder: Path, dtype: str | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write `ckpt` cut by a structural method's `apply` (heads, channels, layers) into `folder`, block by block.
+
+    `apply` runs once on a copy of the meta skeleton for the layout (names, shapes, the new config),
+    then once per decoder block on a copy holding only that block's weights; the block's tensors
+    that come out real are written under their new names. Tensors outside the blocks (embedding,
+    final norm, lm_head), which these structures leave alone, are copied from the checkpoint.
+    """
+    adapter = adapter_for(model)
+    layout_model = apply(copy.deepcopy(model))
+    tied = adapter.tied(layout_model)
+    state = layout_model.state_dict()
+    skip = {adapter.lm_head + ".weight"} if tied else set()
+    layout = [(n, tuple(t.shape), _out_dtype(t.dtype if not t.is_meta else torch.float32, dtype))
+              for n, t in state.items() if n not in skip]
+    block_prefix = adapter.layers + "."
+    writer = ShardWriter(folder, layout, max_shard_bytes)
+    written: set[str] = set()
+    try:
+        for name, _, out_dtype in layout:
+            if not name.startswith(block_prefix):
+                t = ckpt.get(name)
+                writer.write(name, t.to(out_dtype) if t.is_floating_point() else t)
+                written.add(name)
+        for i in progress(range(len(adapter.blocks(model))), desc="write blocks"):
+            one = copy.deepcopy(model)
+            materialize_(one, f"{adapter.layers}.{i}", adapter.blocks(one)[i], ckpt)
+            for name, t in apply(one).state_dict().items():
+                if name.startswith(block_prefix) and not t.is_meta and name not in written:
+                    writer.write(name, t.to(_out_dtype(t.dtype, dtype)) if t.is_floating_point() else t)
+                    written.add(name)
+            del one
+            trim_heap()
+    finally:
+        writer.close()
+    missing = [n for n, _, _ in layout if n not in written]
+    if missing:
+        raise DietpruneError(f"internal: the streamed cut did not produce {missing[0]}")
+    _write_configs(model, copy.deepcopy(layout_model.config), ckpt, folder, dtype)
+    params = {id(p): p.numel() for p in layout_model.parameters()}
+    return {"params_after": sum(params.values())}
 
 
 # ---- the workflow -----------------------------------------------------------------------------
@@ -410,7 +459,8 @@ class NoWeights(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "__get__" or func in (torch.Tensor.size, torch.Tensor.dim):
+        if getattr(func, "__name__", "") == "__get__" or func in (torch.Tensor.size, torch.Tensor.dim,
+                                                                   torch.Tensor.numel):
             return func(*args, **kwargs)  # shape, dtype, device: metadata, not values
         for a in list(args) + list(kwargs.values()):
             items = a if isinstance(a, (list, tuple)) else (a,)

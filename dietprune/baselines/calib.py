@@ -37,10 +37,14 @@ def task_sequences(model, tokenizer, config, data_dir) -> list[list[int]]:
 
 
 class LinearInputs(Observer):
-    """Σx and Σx² of the input features of the named linears of every block (one Moments each)."""
+    """Σx and Σx² of the input features of the named linears of every block (one Moments each).
 
-    def __init__(self, names: tuple[str, ...], device):
-        self.names, self.device = names, device
+    `on_block(block, index, {name: Moments on the CPU})` runs while the block's weights are loaded
+    (a streamed model has them only then): scores that need weights are computed there.
+    """
+
+    def __init__(self, names: tuple[str, ...], device, on_block=None):
+        self.names, self.device, self.on_block = names, device, on_block
         self.moments: dict[str, list[Moments]] = {n: [] for n in names}
 
     def attach(self, block, index, run):
@@ -51,6 +55,11 @@ class LinearInputs(Observer):
             self.moments[name].append(mom)
             handles.append(lin.register_forward_pre_hook(lambda m, args, mom=mom: mom.add(args[0][run.mask])))
         return handles
+
+    def finish_block(self, block, index, run):
+        if self.on_block is not None:
+            self.on_block(block, index, {n: self.moments[n][index].cpu() for n in self.names})
+        return False
 
     def finish_model(self, model, run):
         for name, moms in self.moments.items():
@@ -84,19 +93,20 @@ def _batches(tokenizer, sequences, config):
 
 @torch.no_grad()
 def linear_input_moments(model: nn.Module, adapter: ModelAdapter, tokenizer, sequences, config,
-                         names: tuple[str, ...], desc: str) -> dict[str, list[Moments]]:
+                         names: tuple[str, ...], desc: str, source=None, on_block=None) -> dict[str, list[Moments]]:
     """For each block-relative linear name: per layer, Σx and Σx² of its input features."""
-    obs = LinearInputs(names, next(model.parameters()).device)
-    engine.run(model, _batches(tokenizer, sequences, config), [obs], desc=desc)
+    source = source or engine.RESIDENT
+    obs = LinearInputs(names, source.device(model), on_block)
+    engine.run(model, _batches(tokenizer, sequences, config), [obs], source=source, desc=desc)
     return obs.moments
 
 
 @torch.no_grad()
 def block_cosine_sums(model: nn.Module, adapter: ModelAdapter, tokenizer, sequences, config,
-                      desc: str = "block influence") -> tuple[torch.Tensor, int]:
+                      desc: str = "block influence", source=None) -> tuple[torch.Tensor, int]:
     """Per decoder block: Σ over tokens of cos(block input, block output), and the token count."""
     obs = BlockCosine(len(adapter.blocks(model)))
-    engine.run(model, _batches(tokenizer, sequences, config), [obs], desc=desc)
+    engine.run(model, _batches(tokenizer, sequences, config), [obs], source=source or engine.RESIDENT, desc=desc)
     if len(set(obs.counts)) != 1:
         raise DietpruneError("decoder blocks saw different token counts during calibration")
     if not torch.isfinite(obs.sums).all():

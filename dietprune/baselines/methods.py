@@ -106,15 +106,18 @@ def wanda_sp(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     seqs = task_sequences(model, ctx.tokenizer, config, ctx.data_dir)
     # q/k/v read one input, as do the MLP's input projections: hook the first of each.
     names = (adapter.q_proj, adapter.o_proj, adapter.mlp_in[0], adapter.mlp_out)
-    moms = linear_input_moments(model, adapter, ctx.tokenizer, seqs, config, names, "wanda-sp")
     group_scores, channel_scores = [], []
-    for i, block in enumerate(adapter.blocks(model)):
+
+    def score(block, i, moms):  # while the block's weights are loaded (a streamed model has them only now)
         q, k, v, o, ins, down = _layer_weights(block, adapter)
         # statistics to the weights' device, scores back to the CPU
-        norm = {n: S.rms_from_sums(moms[n][i].sq, moms[n][i].count).to(q.device) for n in names}
+        norm = {n: S.rms_from_sums(moms[n].sq, moms[n].count).to(q.device) for n in names}
         group_scores.append(S.wanda_group_scores(q, k, v, o, norm[adapter.q_proj], norm[adapter.o_proj], G).cpu())
         channel_scores.append(S.wanda_channel_scores(ins, down, norm[adapter.mlp_in[0]],
                                                      norm[adapter.mlp_out]).cpu())
+
+    moms = linear_input_moments(model, adapter, ctx.tokenizer, seqs, config, names, "wanda-sp", source=ctx.source,
+                                on_block=score)
     kept_g = [S.keep_top(s, choice.groups) for s in group_scores]
     kept_c = [S.keep_top(s, choice.channels) for s in channel_scores]
     tensors = {"group_scores": torch.stack(group_scores).float(), "channel_scores": torch.stack(channel_scores).float(),
@@ -247,7 +250,7 @@ def shortgpt(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
     total = param_count(model)
     seqs = task_sequences(model, ctx.tokenizer, config, ctx.data_dir)
-    sums, count = block_cosine_sums(model, adapter, ctx.tokenizer, seqs, config)
+    sums, count = block_cosine_sums(model, adapter, ctx.tokenizer, seqs, config, source=ctx.source)
     influence = S.block_influence(sums, count)
     removed = layers_to_remove(influence, block_params, total, config.sparsity)
     achieved = sum(block_params[i] for i in removed) / total
