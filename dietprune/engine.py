@@ -16,6 +16,13 @@ The loop (think llm-compressor's sequential pipeline, without its tracing):
 3. **After the last block** (only when an observer asks, `Observer.final`): the final norm runs
    on the last outputs with the observers' final hooks; then each observer's `finish_model`.
 
+That schedule serves a streamed model and observers that change blocks (`Observer.sequential`:
+sparsify). When the model is resident and every observer only watches (profiling, the
+baselines' statistics, the re-fit, whose hooks change weights inside the pass), `run` gives the
+same calls and the same numbers with one whole-model forward per batch and every block's hooks
+attached at once: no block inputs are kept and nothing is captured (the cheaper schedule, and
+the forward the statistics were defined on).
+
 Activations between blocks live in memory, or in a scratch file (`offload="disk"`, or "auto"
 when they would take more than an eighth of the free RAM). During a pass `Run.mask` is the
 current batch's token mask (non-padding tokens, optionally without BOS) and `Run.tag` its label
@@ -102,6 +109,8 @@ class Observer:
     """Base class of everything that watches (or changes) the model block by block."""
 
     final: bool = False
+    # True when finish_block may change the block, so later blocks must see the changed block's outputs.
+    sequential: bool = False
 
     def attach(self, block: nn.Module, index: int, run: Run) -> list:
         return []
@@ -266,17 +275,56 @@ def _remove(handles) -> None:
 @dataclass
 class RunReport:
     seconds: dict = field(default_factory=dict)
-    block_seconds: list = field(default_factory=list)
+    block_seconds: list = field(default_factory=list)  # empty for the whole-model schedule
     tokens_with_padding: int = 0
     activations_on_disk: bool = False
 
 
 @torch.no_grad()
 def run(model: nn.Module, batches: list[Batch], observers: list[Observer], source: WeightSource = RESIDENT,
-        offload: str = "memory", desc: str = "blocks") -> RunReport:
-    """Drive `batches` through `model` block by block with `observers` (see the module docstring)."""
+        offload: str = "auto", desc: str = "blocks") -> RunReport:
+    """Drive `batches` through `model` with `observers` (see the module docstring).
+
+    Two schedules, the same observer calls and the same numbers: block by block (a streamed
+    source, an observer that changes blocks, or ``offload="disk"``), or, for a resident model
+    whose observers only watch, one whole-model forward per batch with every block's hooks
+    attached at once (no activations kept between blocks, no capture), then `finish_block` for
+    every block in order.
+    """
     if not batches:
         raise DietpruneError("no calibration batches to run")
+    if source.streamed or offload == "disk" or any(ob.sequential for ob in observers):
+        return _run_sequential(model, batches, observers, source, offload, desc)
+    spill_dir(batches, model.config.hidden_size, offload)  # validates `offload`
+    adapter = adapter_for(model)
+    device = source.device(model)
+    state = Run(batches, device)
+    report = RunReport(tokens_with_padding=sum(int(b.ids.numel()) for b in batches))
+    blocks = adapter.blocks(model)
+    t0 = time.perf_counter()
+    handles = [h for i, block in enumerate(blocks) for ob in observers for h in ob.attach(block, i, state)]
+    if any(ob.final for ob in observers):
+        handles += [h for ob in observers for h in ob.attach_final(adapter.norm(model), state)]
+    try:
+        for b, batch in enumerate(progress(batches, desc=desc)):
+            state.index = b
+            model(input_ids=batch.ids.to(device), attention_mask=batch.attn.to(device), use_cache=False,
+                  logits_to_keep=1)
+    finally:
+        _remove(handles)
+    for i, block in enumerate(blocks):
+        state.block = i
+        for ob in observers:
+            ob.finish_block(block, i, state)
+    state.block = None
+    for ob in observers:
+        ob.finish_model(model, state)
+    state.seconds["blocks"] = time.perf_counter() - t0
+    report.seconds = {k: round(v, 3) for k, v in state.seconds.items()}
+    return report
+
+
+def _run_sequential(model, batches, observers, source, offload, desc) -> RunReport:
     adapter = adapter_for(model)
     device = source.device(model)
     blocks = adapter.blocks(model)

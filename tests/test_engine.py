@@ -33,6 +33,8 @@ class _Record(engine.Observer):
 class _ZeroMlp(engine.Observer):
     """Changes block `at` once its statistics pass is over (as a pruning observer does)."""
 
+    sequential = True
+
     def __init__(self, at):
         self.at = at
 
@@ -61,7 +63,8 @@ def test_changed_block_is_rerun_before_the_next_block(arch):
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
-def test_activations_on_disk_give_the_same_statistics(arch):
+def test_both_schedules_and_disk_activations_give_the_same_statistics(arch):
+    """Whole-model forward with all hooks (resident, watching only) == block by block with activations on disk."""
     model, tok = tiny_model(arch), tiny_tokenizer()
     adapter = adapter_for(model)
     batches = engine.make_batches(_seqs(7), 3, tok, tag="t")
@@ -70,6 +73,7 @@ def test_activations_on_disk_give_the_same_statistics(arch):
         obs = DietObserver(adapter, model.config, "norm-out", ["t"], gram=True)
         report = engine.run(model, batches, [obs], offload=offload)
         assert report.activations_on_disk == (offload == "disk")
+        assert bool(report.block_seconds) == (offload == "disk")  # the block-by-block schedule ran
         stats.append(obs)
     assert torch.equal(stats[0].abs["t"], stats[1].abs["t"])
     assert torch.equal(stats[0].gram, stats[1].gram) and torch.equal(stats[0].final_in_sq, stats[1].final_in_sq)

@@ -85,6 +85,8 @@ class LinearStats(Observer):
     pruning step) runs in `finish_block`, and the block is rerun when it returns True.
     """
 
+    sequential = True  # the pruning step changes the block: later blocks must read its outputs
+
     def __init__(self, groups: list[tuple[str, ...]], tags: list[str], gram: bool, on_block=None):
         self.groups, self.tags, self.gram, self.on_block = groups, tags, gram, on_block
         self.stats: dict[str, dict[tuple, Moments]] = {}
