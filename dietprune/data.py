@@ -39,6 +39,15 @@ def read_file_fields(path: str | os.PathLike) -> list[str]:
 def _read_user_file(path: Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise DietpruneError(f"task file not found: {path}")
+    try:
+        return _parse_user_file(path, limit)
+    except UnicodeDecodeError as exc:
+        raise DietpruneError(f"task file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise DietpruneError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
+
+
+def _parse_user_file(path: Path, limit: int | None) -> list[dict]:
     rows: list[dict] = []
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
@@ -78,7 +87,12 @@ def _load_local(task: Task, role: str, root: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as exc:  # datasets wraps a bad line, bad bytes or mixed types in its own errors
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise DietpruneError(f"cannot read task data {path}: not valid JSON lines "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from exc
     return list(ds)
 
 

@@ -47,8 +47,28 @@ class PruneConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from . import validate as v
+
         self.tasks = task_tuple(self.tasks)
+        if not isinstance(self.method, str):
+            raise DietpruneError(f"method must be a name, got {self.method!r}")
+        self.sparsity = v.real("sparsity", self.sparsity)
         check_sparsity(self.sparsity)
+        self.samples = v.integer("samples", self.samples, 1)
+        self.seed = v.seed(self.seed)
+        self.align = v.integer("align", self.align, 1)
+        self.ridge = v.ridge("ridge", self.ridge)
+        self.refit_ridge = v.ridge("refit_ridge", self.refit_ridge)
+        self.fit_samples = v.integer("fit_samples", self.fit_samples, 1)
+        self.fit_max_length = v.integer("fit_max_length", self.fit_max_length, 2)
+        self.skip_bos = v.flag("skip_bos", self.skip_bos)
+        self.batch_size = v.integer("batch_size", self.batch_size, 1)
+        self.max_length = v.integer("max_length", self.max_length, 2)
+        if not isinstance(self.extra, dict):
+            raise DietpruneError(f"extra must be a dict, got {self.extra!r}")
+        for name in ("merge", "tap", "repair"):
+            if not isinstance(getattr(self, name), str):
+                raise DietpruneError(f"{name} must be a name, got {getattr(self, name)!r}")
         if self.method not in METHODS:
             raise DietpruneError(f"unknown method '{self.method}'; choose from {', '.join(sorted(METHODS))}")
         if self.merge not in MERGES:
@@ -121,8 +141,17 @@ def register(name: str, needs_profile: bool, self_calibrated: bool = False):
 def width_align(model, config: PruneConfig) -> int:
     """The kept width is a multiple of this: the user's --align and the architecture's head count."""
     from .adapters import adapter_for
+    from .validate import align_within
 
-    return math.lcm(config.align, adapter_for(model).width_multiple(model.config))
+    multiple = math.lcm(config.align, adapter_for(model).width_multiple(model.config))
+    d = model.config.hidden_size
+    if multiple > d:
+        if config.align > d:
+            align_within(config.align, d)
+        raise DietpruneError(f"align {config.align} with the model's {adapter_for(model).width_multiple(model.config)} "
+                             f"attention heads needs a multiple of {multiple} dimensions, more than its hidden "
+                             f"size {d}")
+    return multiple
 
 
 def target_width(model, config: PruneConfig) -> int:

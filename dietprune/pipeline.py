@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, validate
 from .adapters import adapter_for, param_count
 from .errors import DietpruneError
 from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
@@ -49,6 +49,9 @@ def _as_loaded(model, tokenizer=None) -> LoadedModel:
         return model
     if isinstance(model, (str, os.PathLike)):
         return load(str(model))
+    if not isinstance(model, torch.nn.Module):
+        raise DietpruneError(f"model must be a spec (preset, .gguf, folder, hub id), a LoadedModel or a "
+                             f"torch module, got {type(model).__name__}")
     if tokenizer is None:
         raise DietpruneError("pass a tokenizer together with an in-memory model")
     return LoadedModel(model=model, tokenizer=tokenizer, spec=getattr(model, "name_or_path", "in-memory"),
@@ -67,7 +70,9 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     from . import distributed
 
     parse_tasks(tasks)  # fail on bad task names before loading a model
+    validate.known_options(kwargs, ProfileConfig, "profile")
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
+    validate.run_options(low_memory, offload, device_map)
     if output is not None:
         check_output_file(output, "scores")
     examples = load_calibration(tasks, cfg, data_dir)
@@ -85,6 +90,9 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
                            examples=examples)
     if output is not None and distributed.is_main():
         prof.save(output)
+        from .outputs import publish_mode
+
+        publish_mode(output)
     distributed.barrier()
     return prof
 
@@ -117,8 +125,9 @@ def _streaming_folder(model, low_memory: bool | None, device_map: str | None) ->
 def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, use_rms: bool,
                         use_ls: bool) -> Profile:
     """A scores file (or Profile) for this model, tasks and repairs, or a one-line error."""
-    prof = scores if isinstance(scores, Profile) else Profile.load(scores)
+    prof = scores if isinstance(scores, Profile) else validate.load_scores(scores)
     _check_scores(prof, model, config, fingerprint)
+    validate.profile_shapes(prof, model.config, adapter_for(model))
     if use_ls and (prof.norms is None or prof.norms.gram is None):
         raise DietpruneError("the scores file has no Gram statistics, which --repair ls needs: "
                              "profile with --gram, or prune with --repair rms")
@@ -139,6 +148,10 @@ def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -
         raise DietpruneError(
             f"scores belong to another model (fingerprint {prof.meta.get('fingerprint')}, this model {fingerprint})"
         )
+    _check_tasks(prof, config)
+
+
+def _check_tasks(prof: Profile, config: PruneConfig) -> None:
     wanted = [t.name for t in parse_tasks(config.tasks)]
     if sorted(prof.tasks) != sorted(wanted):
         raise DietpruneError(f"scores cover tasks {sorted(prof.tasks)}, asked for {sorted(wanted)}")
@@ -153,14 +166,21 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     `model` is a spec (preset, .gguf, folder, hub id), a LoadedModel, or an nn.Module with
     `tokenizer=`. Extra keyword options fill a PruneConfig (method, samples, merge, tap, repair...).
     """
+    if config is not None and not isinstance(config, PruneConfig):
+        raise DietpruneError(f"config must be a PruneConfig, got {type(config).__name__}")
     if config is None:
         if tasks is not None:
             options["tasks"] = tasks
+        validate.known_options(options, PruneConfig, "prune")
         config = PruneConfig(sparsity=sparsity, **options)
     task_list = parse_tasks(config.tasks)
+    validate.run_options(low_memory, offload, device_map, dtype, overwrite)
+    validate.shard_size(max_shard_size)
     out = check_output_dir(output, overwrite, input_paths(model)) if output is not None else None
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if scores is not None and not isinstance(scores, Profile):
+        scores = validate.load_scores(scores)  # a missing or damaged scores file fails before any loading
+    if scores is not None:
+        _check_tasks(scores, config)
     needs_profile, method_fn = METHODS[config.method]
     use_rms, use_ls = parse_repair(config.repair)
     use_refit = uses_refit(config.repair)
@@ -197,11 +217,15 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     d = net.config.hidden_size
     params_before = param_count(net)
     shape_before = config_shape(net.config)
+    from .methods import width_align
+
+    width_align(net, config)  # an --align the width cannot hold fails before profiling
 
     t0 = time.perf_counter()
     prof: Profile | None = None
     if scores is not None:
         prof = load_checked_scores(scores, net, config, fingerprint, use_rms, use_ls)
+        config = scores_config(config, prof, use_refit)
     elif examples is not None:
         prof = run_profile(net, lm.tokenizer, task_list, pcfg, data_dir=data_dir, fingerprint=fingerprint,
                            model_spec=lm.spec, examples=examples)
@@ -255,6 +279,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     from . import distributed
 
     if out is not None and distributed.is_main():
+        check_finite(net)
         t0 = time.perf_counter()
         meta = _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info)
         tensors = dict(selection.tensors)
@@ -267,6 +292,28 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         summary["size_on_disk_bytes"] = dir_size(out)
     summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return result
+
+
+def scores_config(config: PruneConfig, prof: Profile, use_refit: bool) -> PruneConfig:
+    """The config as run with a scores file: its profiling options are the file's, not the
+    (unused) ones given, so dietprune.json records what was done. A re-fit still draws its own
+    calibration sample with the given samples and seed."""
+    import dataclasses
+
+    meta = prof.meta
+    used = {k: meta[k] for k in ("tap", "skip_bos", "max_length") if k in meta}
+    if not use_refit:
+        used.update({k: v for k, v in (("samples", meta.get("requested_samples")), ("seed", meta.get("seed")))
+                     if v is not None})
+    return dataclasses.replace(config, **used)
+
+
+def check_finite(model) -> None:
+    """No checkpoint with NaN/inf weights is written (e.g. a repair fed degenerate statistics)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DietpruneError(f"the pruned weights are not finite ({name}); nothing was written "
+                                 "(try another --repair or a larger --ridge)")
 
 
 def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info) -> dict:
@@ -320,6 +367,10 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
             tokenizer.save_pretrained(tmp)
         (tmp / "dietprune.json").write_text(json.dumps(meta, indent=2))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
+        from .outputs import publish_mode
+
+        for f in tmp.iterdir():
+            publish_mode(f)  # safetensors writes 0600; every file of a checkpoint gets the same mode
         if output.exists():
             if any(output.iterdir()):
                 if not overwrite:

@@ -50,16 +50,14 @@ class Checkpoint:
     """A safetensors checkpoint folder, read tensor by tensor (nothing is kept open)."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
+        from .models import check_safetensors_files
 
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         single = self.folder / "model.safetensors"
-        if index.is_file():
-            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
-        elif single.is_file():
-            with safe_open(str(single), framework="pt") as fh:
-                self.weight_map = {k: single.name for k in fh.keys()}
+        if index.is_file() or single.is_file():
+            # every shard's header is read now: a damaged or truncated file fails before any work
+            self.weight_map = check_safetensors_files(self.folder)
         else:
             raise DietpruneError(
                 f"{self.folder} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
@@ -133,10 +131,12 @@ def is_safetensors_folder(path) -> bool:
 def skeleton(folder: str | os.PathLike) -> nn.Module:
     """The model with meta-device parameters (buffers real), tied like the real one."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    config = AutoConfig.from_pretrained(folder)
+    from .models import load_config
+
+    config = load_config(folder)
     adapter_for_type(getattr(config, "model_type", "?"))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -151,12 +151,22 @@ def skeleton(folder: str | os.PathLike) -> nn.Module:
 
 
 def load_tokenizer(folder):
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer as load_checked
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_checked(folder)
+
+
+def check_complete(model: nn.Module, ckpt: Checkpoint) -> None:
+    """The checkpoint holds exactly the skeleton's tensors (the in-memory loader's strict check)."""
+    import re
+
+    from .models import check_weight_names
+
+    expected = {n for n, _ in model.named_parameters()}  # a tied lm_head is the embedding's entry
+    known = set(model.state_dict())
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = {n for n in ckpt.weight_map if n not in known and not any(p.search(n) for p in ignore)}
+    check_weight_names(expected - set(ckpt.weight_map), unexpected, ckpt.folder)
 
 
 def materialize_(model: nn.Module, prefix: str, module: nn.Module, ckpt: Checkpoint) -> None:
@@ -259,7 +269,12 @@ class ActivationStore:
         if directory is not None:
             sizes = [4 * int(torch.Size(s).numel()) for s in shapes]
             self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-            handle, self.path = tempfile.mkstemp(prefix="dietprune-act-", suffix=".bin", dir=directory)
+            try:
+                handle, self.path = tempfile.mkstemp(prefix="dietprune-act-", suffix=".bin", dir=directory)
+            except OSError as exc:
+                raise DietpruneError(f"cannot create the activation spill file in {directory}: "
+                                     f"{exc.strerror or exc}") from exc
+            os.unlink(self.path)  # the open descriptor keeps it: nothing is left behind, whatever kills us
             self.fd = handle
 
     def put(self, b: int, t: torch.Tensor) -> None:
@@ -280,7 +295,6 @@ class ActivationStore:
         self.tensors = []
         if self.fd is not None:
             os.close(self.fd)
-            os.unlink(self.path)
             self.fd = None
 
 
@@ -295,7 +309,9 @@ def _spill_dir(shapes, offload: str) -> str | None:
 
         if 2 * total < psutil.virtual_memory().available // 8:
             return None
-    return os.environ.get("DIETPRUNE_SCRATCH_DIR") or tempfile.gettempdir()
+    from .validate import scratch_dir
+
+    return scratch_dir()
 
 
 # ---- profiling ----------------------------------------------------------------------------------
@@ -308,8 +324,11 @@ def stream_profile(folder, tokenizer, tasks, config: ProfileConfig | None = None
     from .stats import TaskStats
 
     config = config or ProfileConfig()
+    given = ckpt is not None
     ckpt = ckpt or Checkpoint(folder)
     model = model if model is not None else skeleton(folder)
+    if not given:
+        check_complete(model, ckpt)
     adapter = adapter_for(model)
     task_list, encoded = encode_tasks(tokenizer, tasks, config, data_dir, wants_bos(model), examples)
     fingerprint = fingerprint or checkpoint_fingerprint(model, ckpt)
@@ -592,7 +611,8 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
     """pipeline.prune for a safetensors folder, one block / one tensor in memory at a time."""
     from . import distributed
     from .methods import METHODS, MethodContext
-    from .pipeline import PruneResult, _metadata, dir_size, load_checked_scores, save_checkpoint
+    from .methods import width_align
+    from .pipeline import PruneResult, _metadata, dir_size, load_checked_scores, save_checkpoint, scores_config
     from .profile import ProfileConfig
     from .repair import parse_repair, uses_energy
     from .tasks import parse_tasks
@@ -604,6 +624,8 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
     t0 = time.perf_counter()
     ckpt = Checkpoint(folder)
     model = skeleton(folder)
+    check_complete(model, ckpt)
+    width_align(model, config)  # an --align the width cannot hold fails before profiling
     adapter = adapter_for(model)
     tokenizer = load_tokenizer(folder)
     fingerprint = checkpoint_fingerprint(model, ckpt)
@@ -615,6 +637,7 @@ def prune_streaming(folder, spec: str, config, out: Path | None, scores=None, da
     prof = None
     if scores is not None:
         prof = load_checked_scores(scores, model, config, fingerprint, use_rms, use_ls)
+        config = scores_config(config, prof, False)
     elif examples is not None or needs_profile:
         pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
                              max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
