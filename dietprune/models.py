@@ -197,6 +197,10 @@ def allow_incomplete(allow: bool = True):
         _ALLOW_INCOMPLETE.reset(token)
 
 
+def incomplete_allowed() -> bool:
+    return _ALLOW_INCOMPLETE.get()
+
+
 def _first_line(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -216,7 +220,22 @@ def describe_load_error(exc: BaseException, what: str) -> str:
         return f"{what} is not UTF-8 text"
     if isinstance(exc, json.JSONDecodeError):
         return f"{what} is not valid JSON ({exc.msg}, line {exc.lineno})"
-    return f"{what}: {_first_line(exc)}"
+    line = _first_line(exc)
+    return line if what in line else f"{what}: {line}"
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def weights_file(path, kwargs: dict) -> Path:
+    """The file the weights of a resolved spec are read from (for error messages)."""
+    if kwargs.get("gguf_file"):
+        return Path(path) / kwargs["gguf_file"]
+    for name in WEIGHT_FILES:
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return Path(path)
 
 
 def check_weight_names(missing, unexpected, where) -> None:
@@ -375,7 +394,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
         adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
         if device_map is not None:
             kwargs["device_map"] = device_map
-        weights = Path(path) / kwargs["gguf_file"] if "gguf_file" in kwargs else Path(path)
+        weights = weights_file(path, kwargs)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                                                **kwargs)

@@ -349,9 +349,15 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
     """
     from safetensors.torch import save_file
 
+    from . import signals
+    from .outputs import publish_mode
+
     output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    # a symlinked output: the folder it points at is replaced, and the link keeps pointing at it
+    dest = output.resolve() if output.is_symlink() else output
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is not
@@ -367,25 +373,34 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
             tokenizer.save_pretrained(tmp)
         (tmp / "dietprune.json").write_text(json.dumps(meta, indent=2))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
-        from .outputs import publish_mode
-
         for f in tmp.iterdir():
             publish_mode(f)  # safetensors writes 0600; every file of a checkpoint gets the same mode
-        if output.exists():
-            if any(output.iterdir()):
+        old = None
+        if dest.exists():
+            if any(dest.iterdir()):
                 if not overwrite:
                     raise DietpruneError(f"output folder {output} appeared while pruning and is not empty")
-                check_replaceable(output)  # again: the folder may have changed since the start
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(old)
-            tmp.rename(output)
+                check_replaceable(dest)  # again: the folder may have changed since the start
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        with signals.deferred():  # no signal between moving the old folder away and the new one in
+            if old is not None:
+                dest.rename(old)
+                try:
+                    tmp.rename(dest)
+                except OSError:
+                    old.rename(dest)
+                    raise
+            else:
+                tmp.rename(dest)
+            tmp = None
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise DietpruneError(f"cannot write checkpoint to {output}: {exc.strerror or exc}") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output

@@ -160,13 +160,17 @@ def check_complete(model: nn.Module, ckpt: Checkpoint) -> None:
     """The checkpoint holds exactly the skeleton's tensors (the in-memory loader's strict check)."""
     import re
 
-    from .models import check_weight_names
+    from .models import check_weight_names, incomplete_allowed
 
     expected = {n for n, _ in model.named_parameters()}  # a tied lm_head is the embedding's entry
     known = set(model.state_dict())
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = {n for n in ckpt.weight_map if n not in known and not any(p.search(n) for p in ignore)}
-    check_weight_names(expected - set(ckpt.weight_map), unexpected, ckpt.folder)
+    missing = sorted(expected - set(ckpt.weight_map))
+    if missing and incomplete_allowed():
+        raise DietpruneError(f"--low-memory cannot stream {ckpt.folder}: {len(missing)} tensor(s) are missing "
+                             f"({', '.join(missing[:3])}); load it in memory (--no-low-memory) to have them random")
+    check_weight_names(missing, unexpected, ckpt.folder)
 
 
 def materialize_(model: nn.Module, prefix: str, module: nn.Module, ckpt: Checkpoint) -> None:

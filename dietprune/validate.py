@@ -15,7 +15,6 @@ import os
 from .errors import DietpruneError
 
 SEED_MAX = 2**63 - 1
-RIDGE_MAX = 1e6  # λ = ridge · mean(diag G); far above this the repair is the identity and overflow looms
 
 
 def integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -70,7 +69,9 @@ def seed(value) -> int:
 
 
 def ridge(name: str, value) -> float:
-    return real(name, value, above=0.0, maximum=RIDGE_MAX)
+    """A ridge is a positive finite factor (λ = ridge · mean(diag G)); any size is allowed, and a
+    result that still is not finite is refused before it is written (pipeline.check_finite)."""
+    return real(name, value, above=0.0)
 
 
 def align_within(align: int, width: int, what: str = "hidden size") -> None:

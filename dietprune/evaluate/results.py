@@ -34,6 +34,9 @@ def save_results(results: dict, path: str | os.PathLike) -> Path:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DietpruneError(f"cannot write results to {out}: {exc.strerror}") from exc
+    except BaseException:  # Ctrl-C, SIGTERM: no partial file left
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
