@@ -89,6 +89,9 @@ def _gguf_import(spec_path: Path):
 
 def resolve(spec: str) -> tuple[str, dict, str]:
     """Return (path_or_id, from_pretrained kwargs, source kind) for a model spec."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise DietpruneError(f"model must be a preset name, a .gguf file, a folder or a hub id, got {spec!r}")
+    spec = str(spec)
     if spec in PRESETS:
         path = PRESETS[spec].gguf_path()
         folder, name = _gguf_import(path)
