@@ -1,6 +1,8 @@
 """Command line: a thin layer that turns flags into API calls.
 
-Every :class:`DietpruneError` becomes one line on stderr and exit code 2. Subcommands are
+Every :class:`DietpruneError` (and every flag argparse refuses) becomes one line on stderr and
+exit code 2; any other exception is a bug and keeps its traceback. SIGTERM and SIGHUP end a
+run like Ctrl-C, with the same clean-up (exit 128 + the signal number). Subcommands are
 registered in ``COMMANDS`` as ``name -> "module:function"``; each function adds its parser and
 returns the handler, and its module is imported only when that command runs (or for --help).
 """
@@ -45,6 +47,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, choices=["auto"],
                    help="spread a model larger than one GPU over all GPUs (accelerate big-model loading)")
     p.add_argument("--device", default=None, help="run profiling, repair and the cut there (e.g. cuda, cuda:1, cpu)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="load a checkpoint whose tensors do not match its config (missing ones random)")
 
 
 def _diet_tasks():
@@ -164,10 +168,17 @@ def add_ls(sub):
     return run
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a refused flag as one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="dietprune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="dietprune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dietprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = {}
@@ -178,18 +189,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .models import allow_incomplete
+    from .signals import terminate_as_interrupt
+
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("DIETPRUNE_PROGRESS", "1") == "0":
+        _quiet_library_progress()
     try:
-        return handlers[args.command](args) or 0
+        with terminate_as_interrupt(), allow_incomplete(getattr(args, "allow_incomplete", False)):
+            return handlers[args.command](args) or 0
     except DietpruneError as exc:
-        print(f"dietprune: error: {exc}", file=sys.stderr)
+        print(f"dietprune: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dietprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"dietprune: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     finally:
         _leave_process_group()
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (a message quoting a multi-line library error is joined)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+
+
+def _quiet_library_progress() -> None:
+    """DIETPRUNE_PROGRESS=0 also silences transformers' and datasets' own bars (loading, writing)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def _leave_process_group() -> None:

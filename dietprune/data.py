@@ -37,7 +37,12 @@ def _load_local(task: Task, role: str, root: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as exc:  # datasets wraps a bad line, bad bytes or mixed types in its own errors
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise DietpruneError(f"cannot read task data {path}: not valid JSON lines "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from exc
     return list(ds)
 
 

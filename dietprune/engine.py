@@ -168,7 +168,12 @@ class ActivationStore:
         self.tensors: list = [None] * n
         self.fd = None
         if directory is not None:
-            self.fd, self.path = tempfile.mkstemp(prefix="dietprune-act-", suffix=".bin", dir=directory)
+            try:
+                self.fd, self.path = tempfile.mkstemp(prefix="dietprune-act-", suffix=".bin", dir=directory)
+            except OSError as exc:
+                raise DietpruneError(f"cannot create the activation spill file in {directory}: "
+                                     f"{exc.strerror or exc}") from exc
+            os.unlink(self.path)  # the open descriptor keeps it: nothing is left behind, whatever kills us
             self.where: dict[int, tuple] = {}
             self.end = 0
 
@@ -194,7 +199,6 @@ class ActivationStore:
         self.tensors = []
         if self.fd is not None:
             os.close(self.fd)
-            os.unlink(self.path)
             self.fd = None
 
 
@@ -210,7 +214,9 @@ def spill_dir(batches: list[Batch], d: int, offload: str) -> str | None:
         total = sum(4 * b.ids.numel() * d for b in batches)
         if 2 * total < psutil.virtual_memory().available // 8:
             return None
-    return os.environ.get("DIETPRUNE_SCRATCH_DIR") or tempfile.gettempdir()
+    from .validate import scratch_dir
+
+    return scratch_dir()
 
 
 # ---- capture -------------------------------------------------------------------------------------

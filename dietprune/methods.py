@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .errors import DietpruneError
 from .merge import keep_count, merge
 from .registry import MethodContext, PruneConfig, Selection
 
@@ -18,8 +19,17 @@ from .registry import MethodContext, PruneConfig, Selection
 def width_align(model, config: PruneConfig) -> int:
     """The kept width is a multiple of this: the user's --align and the architecture's head count."""
     from .adapters import adapter_for
+    from .validate import align_within
 
-    return math.lcm(config.align, adapter_for(model).width_multiple(model.config))
+    multiple = math.lcm(config.align, adapter_for(model).width_multiple(model.config))
+    d = model.config.hidden_size
+    if multiple > d:
+        if config.align > d:
+            align_within(config.align, d)
+        raise DietpruneError(f"align {config.align} with the model's {adapter_for(model).width_multiple(model.config)} "
+                             f"attention heads needs a multiple of {multiple} dimensions, more than its hidden "
+                             f"size {d}")
+    return multiple
 
 
 def target_width(model, config: PruneConfig) -> int:

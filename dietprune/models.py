@@ -6,9 +6,13 @@ GGUF support and dequantized to float32. Loading never modifies anything on disk
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
+import pickle
+import struct
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.util import find_spec
@@ -85,6 +89,9 @@ def _gguf_import(spec_path: Path):
 
 def resolve(spec: str) -> tuple[str, dict, str]:
     """Return (path_or_id, from_pretrained kwargs, source kind) for a model spec."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise DietpruneError(f"model must be a preset name, a .gguf file, a folder or a hub id, got {spec!r}")
+    spec = str(spec)
     if spec in PRESETS:
         path = PRESETS[spec].gguf_path()
         folder, name = _gguf_import(path)
@@ -164,19 +171,213 @@ def _save_gguf_cache(entry: Path, model, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---- strict, one-line loading -------------------------------------------------------------------
+# What a third-party loader raises for a damaged, truncated or foreign file (transformers, safetensors,
+# gguf, torch.load). Anything else escaping a load is a bug and keeps its traceback.
+def _load_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError, struct.error,
+            pickle.UnpicklingError, SafetensorError)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "vocab.txt")
+_ALLOW_INCOMPLETE = contextvars.ContextVar("dietprune_allow_incomplete", default=False)
+
+
+@contextlib.contextmanager
+def allow_incomplete(allow: bool = True):
+    """Within this block a checkpoint with missing or unexpected tensors loads (with a warning).
+
+    Missing tensors are then randomly initialised by transformers: only for a checkpoint you
+    know to be partial on purpose. The CLI's ``--allow-incomplete`` sets it.
+    """
+    token = _ALLOW_INCOMPLETE.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_INCOMPLETE.reset(token)
+
+
+def incomplete_allowed() -> bool:
+    return _ALLOW_INCOMPLETE.get()
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_load_error(exc: BaseException, what: str) -> str:
+    """One line for a loader's exception about `what` (a file or folder)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"{what}: refusing to unpickle it (it holds more than plain tensors; only a safe "
+                f"weights file is loaded: convert it to safetensors)")
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError):
+        return f"{what} is damaged or truncated ({_first_line(exc)})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{what} is not UTF-8 text"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{what} is not valid JSON ({exc.msg}, line {exc.lineno})"
+    line = _first_line(exc)
+    return line if what in line else f"{what}: {line}"
+
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def weights_file(path, kwargs: dict) -> Path:
+    """The file the weights of a resolved spec are read from (for error messages)."""
+    if kwargs.get("gguf_file"):
+        return Path(path) / kwargs["gguf_file"]
+    for name in WEIGHT_FILES:
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return Path(path)
+
+
+def check_weight_names(missing, unexpected, where) -> None:
+    """Refuse a checkpoint whose tensors do not match its architecture (names both sides)."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if not missing and not unexpected:
+        return
+
+    def shown(names):
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = ([f"{len(missing)} missing tensor(s) ({shown(missing)})"] if missing else []) + \
+        ([f"{len(unexpected)} unexpected tensor(s) ({shown(unexpected)})"] if unexpected else [])
+    message = f"checkpoint {where} does not match its config: " + " and ".join(parts)
+    if _ALLOW_INCOMPLETE.get():
+        import warnings
+
+        warnings.warn(f"dietprune: {message}; loading it anyway (--allow-incomplete)", stacklevel=3)
+        return
+    raise DietpruneError(message + "; pass --allow-incomplete to load it anyway (missing ones are random)")
+
+
+def read_config_json(folder: Path) -> dict:
+    """A local checkpoint's config.json, checked enough that transformers will not trip on it."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DietpruneError(f"cannot read model config: {describe_load_error(exc, str(path))}") from exc
+    if not isinstance(data, dict):
+        raise DietpruneError(f"model config {path} is not a JSON object")
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        raise DietpruneError(f"model config {path} has no model_type (e.g. \"llama\"); "
+                             "is it a transformers checkpoint?")
+    return data
+
+
+def check_safetensors_files(folder: Path) -> dict[str, str]:
+    """Every safetensors weight file of a local folder opens (header complete, file as long as it
+    says); returns the tensor name -> file map. An index that names absent files or tensors is refused."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map is not a name -> file object")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DietpruneError(f"cannot read {describe_load_error(exc, str(index))}") from exc
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+        weight_map = None
+    found: dict[str, str] = {}
+    for name in files:
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            raise DietpruneError(f"{index} names the weight file {name}, which is not in {folder}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                found.update({k: name for k in fh.keys()})
+        except _load_errors() as exc:
+            raise DietpruneError(f"cannot load weights: {describe_load_error(exc, str(path))}") from exc
+    if weight_map is not None:
+        absent = sorted(k for k, f in weight_map.items() if found.get(k) != f)
+        if absent:
+            raise DietpruneError(f"{index} lists {len(absent)} tensor(s) its shards do not hold "
+                                 f"({', '.join(absent[:3])})")
+        return dict(weight_map)
+    return found
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise DietpruneError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}); "
+                             "save the tokenizer next to the model")
+
+
+def check_local_folder(folder) -> dict:
+    """Everything about a local checkpoint folder that can be checked before loading its weights."""
+    folder = Path(folder)
+    data = read_config_json(folder)
+    check_tokenizer_files(folder)
+    check_safetensors_files(folder)
+    return data
+
+
+def load_config(path, **kwargs):
+    """transformers' AutoConfig, with a damaged or unknown config as one line naming the file."""
+    from transformers import AutoConfig
+
+    if not kwargs.get("gguf_file") and Path(path).is_dir():
+        read_config_json(Path(path))
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except _load_errors() as exc:
+        what = Path(path) / kwargs["gguf_file"] if kwargs.get("gguf_file") else Path(path) / "config.json"
+        raise DietpruneError(f"cannot read model config: {describe_load_error(exc, str(what))}") from exc
+
+
+def load_tokenizer(path, **kwargs):
+    """transformers' AutoTokenizer (pad token set), with a missing or damaged one as one line."""
+    from transformers import AutoTokenizer
+
+    if not kwargs.get("gguf_file") and Path(path).is_dir():
+        check_tokenizer_files(Path(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except _load_errors() as exc:
+        where = Path(path) / kwargs["gguf_file"] if kwargs.get("gguf_file") else path
+        raise DietpruneError(f"cannot load the tokenizer: {describe_load_error(exc, str(where))}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None,
-         device_map: str | None = None) -> LoadedModel:
+         device_map: str | None = None, strict: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported spec.
 
     ``device_map="auto"`` spreads a model larger than one GPU over all visible GPUs (and CPU)
     through accelerate's big-model loading; the profiling hooks follow the weights' devices.
     A GGUF file (or preset) is dequantized once and cached as a float checkpoint
     (:func:`gguf_cache_root`); the cached copy holds exactly the same weights and tokenizer.
+
+    `strict` (default): a checkpoint whose tensors do not match its architecture (missing or
+    unexpected names) is refused, naming them; :func:`allow_incomplete` or ``strict=False``
+    loads it anyway. A damaged file is one line naming it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise DietpruneError(f"model must be a preset name, a .gguf file, a folder or a hub id, got {spec!r}")
+    spec = str(spec)
     path, kwargs, source = resolve(spec)
+    if source == "local":
+        check_local_folder(Path(path))
     entry = gguf_cache_entry(Path(path) / kwargs["gguf_file"], dtype) if "gguf_file" in kwargs else None
     cached = entry is not None and (entry / _CACHE_DONE).is_file()
     if cached:
@@ -184,20 +385,31 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
+        try:
+            config = load_config(path, **kwargs)
+        except DietpruneError as exc:
+            if source == "hub" and isinstance(exc.__cause__, OSError):
+                raise DietpruneError(f"cannot load model '{spec}': {_first_line(exc.__cause__)} "
+                                     "(no network? pass a local folder, a .gguf file or a preset)") from exc
+            raise
         from .adapters import adapter_for_type
 
         adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        weights = weights_file(path, kwargs)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               **kwargs)
+        except _load_errors() as exc:
+            raise DietpruneError(f"cannot load model weights: {describe_load_error(exc, str(weights))}") from exc
+        if strict:
+            check_weight_names(info.get("missing_keys", ()), info.get("unexpected_keys", ()), weights)
+        mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+        if mismatched:
+            raise DietpruneError(f"checkpoint {weights}: tensor(s) of the wrong shape ({', '.join(mismatched[:3])})")
         kwargs.pop("device_map", None)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except DietpruneError:
-        raise
-    except OSError as exc:
-        hint = " (no network? pass a local folder, a .gguf file or a preset)" if source == "hub" else ""
-        raise DietpruneError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}{hint}") from exc
+        tokenizer = load_tokenizer(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
@@ -206,8 +418,6 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
         model.is_quantized = False
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     if entry is not None and not cached and device_map is None:
         _save_gguf_cache(entry, model, tokenizer)

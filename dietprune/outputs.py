@@ -29,7 +29,9 @@ def _is_checkpoint_file(name: str) -> bool:
 
 
 def _nonempty(output, what: str) -> Path:
-    if output is None or not isinstance(output, (str, os.PathLike)) or not str(output).strip():
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise DietpruneError(f"{what} must be a path, got {output!r}")
+    if output is None or not str(output).strip():
         raise DietpruneError(f"{what} path is empty")
     return Path(output).expanduser().absolute()
 
@@ -116,3 +118,11 @@ def input_paths(model) -> list[Path]:
         if p.exists():
             return [p]
     return []
+
+
+def publish_mode(path) -> None:
+    """Give a written file the mode a new file gets here (0666 less the umask), as every other
+    output file has (safetensors' writer makes its files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

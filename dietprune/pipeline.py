@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, validate
 from .adapters import adapter_for, param_count
 from .errors import DietpruneError
 from .registry import HiddenConfig, MethodContext, PruneConfig, method_config, spec
@@ -50,6 +50,9 @@ def _as_loaded(model, tokenizer=None) -> LoadedModel:
         return model
     if isinstance(model, (str, os.PathLike)):
         return load(str(model))
+    if not isinstance(model, torch.nn.Module):
+        raise DietpruneError(f"model must be a spec (preset, .gguf, folder, hub id), a LoadedModel or a "
+                             f"torch module, got {type(model).__name__}")
     if tokenizer is None:
         raise DietpruneError("pass a tokenizer together with an in-memory model")
     return LoadedModel(model=model, tokenizer=tokenizer, spec=getattr(model, "name_or_path", "in-memory"),
@@ -70,7 +73,9 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
 
     device = device or distributed.device()
     parse_tasks(tasks)  # fail on bad task names before loading a model
+    validate.known_options(kwargs, ProfileConfig, "profile")
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
+    validate.run_options(low_memory, offload, device_map)
     if output is not None:
         check_output_file(output, "scores")
     examples = load_calibration(tasks, cfg, data_dir)
@@ -90,6 +95,9 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
                            examples=examples, offload=offload)
     if output is not None and distributed.is_main():
         prof.save(output)
+        from .outputs import publish_mode
+
+        publish_mode(output)
     distributed.barrier()
     return prof
 
@@ -122,8 +130,9 @@ def _streaming_folder(model, low_memory: bool | None, device_map: str | None) ->
 def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, use_rms: bool,
                         use_ls: bool) -> Profile:
     """A scores file (or Profile) for this model, tasks and repairs, or a one-line error."""
-    prof = scores if isinstance(scores, Profile) else Profile.load(scores)
+    prof = scores if isinstance(scores, Profile) else validate.load_scores(scores)
     _check_scores(prof, model, config, fingerprint)
+    validate.profile_shapes(prof, model.config, adapter_for(model))
     if use_ls and (prof.norms is None or prof.norms.gram is None):
         raise DietpruneError("the scores file has no Gram statistics, which --repair ls needs: "
                              "profile with --gram, or prune with --repair rms")
@@ -144,6 +153,10 @@ def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -
         raise DietpruneError(
             f"scores belong to another model (fingerprint {prof.meta.get('fingerprint')}, this model {fingerprint})"
         )
+    _check_tasks(prof, config)
+
+
+def _check_tasks(prof: Profile, config: PruneConfig) -> None:
     wanted = [t.name for t in parse_tasks(config.tasks)]
     if sorted(prof.tasks) != sorted(wanted):
         raise DietpruneError(f"scores cover tasks {sorted(prof.tasks)}, asked for {sorted(wanted)}")
@@ -160,14 +173,22 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     `device` (e.g. "cuda"): where profiling, repair and the cut run (the copy or the loaded model is
     moved there; a streamed model's blocks are read onto it); None leaves the model where it is.
     """
+    if config is not None and not isinstance(config, PruneConfig):
+        raise DietpruneError(f"config must be a PruneConfig, got {type(config).__name__}")
     if config is None:
         if tasks is not None:
             options["tasks"] = tasks
         config = method_config(options.pop("method", "diet"), sparsity=sparsity, **options)
     task_list = parse_tasks(config.tasks)
+    validate.run_options(low_memory, offload, device_map, dtype, overwrite)
+    validate.shard_size(max_shard_size)
     out = check_output_dir(output, overwrite, input_paths(model)) if output is not None else None
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if scores is not None and not isinstance(scores, Profile):
+        scores = validate.load_scores(scores)  # a missing or damaged scores file fails before any loading
+    if scores is not None:
+        _check_tasks(scores, config)
     method = spec(config.method)
     repair = config.repair if isinstance(config, HiddenConfig) else "none"
     use_rms, use_ls = parse_repair(repair)
@@ -212,11 +233,16 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     d = net.config.hidden_size
     params_before = param_count(net)
     shape_before = config_shape(net.config)
+    if isinstance(config, HiddenConfig):
+        from .methods import width_align
+
+        width_align(net, config)  # an --align the width cannot hold fails before profiling
 
     t0 = time.perf_counter()
     prof: Profile | None = None
     if scores is not None:
         prof = load_checked_scores(scores, net, config, fingerprint, use_rms, use_ls)
+        config = scores_config(config, prof, use_refit)
     elif examples is not None:
         prof = run_profile(net, lm.tokenizer, task_list, pcfg, data_dir=data_dir, fingerprint=fingerprint,
                            model_spec=lm.spec, examples=examples, source=source, offload=offload)
@@ -258,6 +284,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     from . import distributed
 
     if out is not None and distributed.is_main():
+        check_finite(net)
         t0 = time.perf_counter()
         tensors = dict(selection.tensors)
         if kept is not None:
@@ -324,6 +351,31 @@ def _cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, 
     return info
 
 
+def scores_config(config: PruneConfig, prof: Profile, use_refit: bool) -> PruneConfig:
+    """The config as run with a scores file: its profiling options are the file's, not the
+    (unused) ones given, so dietprune.json records what was done. A re-fit still draws its own
+    calibration sample with the given samples and seed."""
+    import dataclasses
+
+    meta = prof.meta
+    used = {k: meta[k] for k in ("tap", "skip_bos", "max_length") if k in meta}
+    if not use_refit:
+        used.update({k: v for k, v in (("samples", meta.get("requested_samples")), ("seed", meta.get("seed")))
+                     if v is not None})
+    names = {f.name for f in dataclasses.fields(config)}  # a head/layer method's config has no tap
+    return dataclasses.replace(config, **{k: v for k, v in used.items() if k in names})
+
+
+def check_finite(model) -> None:
+    """No checkpoint with NaN/inf weights is written (e.g. a repair fed degenerate statistics)."""
+    for name, p in model.named_parameters():
+        if p.is_meta:  # a streamed skeleton: its tensors are checked as the shard writer computes them
+            continue
+        if not torch.isfinite(p).all():
+            raise DietpruneError(f"the pruned weights are not finite ({name}); nothing was written "
+                                 "(try another --repair or a larger --ridge)")
+
+
 def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info) -> dict:
     import transformers
 
@@ -357,9 +409,15 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
     """
     from safetensors.torch import save_file
 
+    from . import signals
+    from .outputs import publish_mode
+
     output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    # a symlinked output: the folder it points at is replaced, and the link keeps pointing at it
+    dest = output.resolve() if output.is_symlink() else output
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is not
@@ -375,21 +433,34 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
             tokenizer.save_pretrained(tmp)
         (tmp / "dietprune.json").write_text(json.dumps(meta, indent=2))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
-        if output.exists():
-            if any(output.iterdir()):
+        for f in tmp.iterdir():
+            publish_mode(f)  # safetensors writes 0600; every file of a checkpoint gets the same mode
+        old = None
+        if dest.exists():
+            if any(dest.iterdir()):
                 if not overwrite:
                     raise DietpruneError(f"output folder {output} appeared while pruning and is not empty")
-                check_replaceable(output)  # again: the folder may have changed since the start
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(old)
-            tmp.rename(output)
+                check_replaceable(dest)  # again: the folder may have changed since the start
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        with signals.deferred():  # no signal between moving the old folder away and the new one in
+            if old is not None:
+                dest.rename(old)
+                try:
+                    tmp.rename(dest)
+                except OSError:
+                    old.rename(dest)
+                    raise
+            else:
+                tmp.rename(dest)
+            tmp = None
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise DietpruneError(f"cannot write checkpoint to {output}: {exc.strerror or exc}") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output

@@ -146,7 +146,16 @@ class ProfileConfig:
     gram: bool = False  # d×d Gram matrices at reader-norm outputs (least-squares repair)
 
     def __post_init__(self):
-        if self.tap not in TAPS:
+        from . import validate as v
+
+        self.samples = v.integer("samples", self.samples, 1)
+        self.seed = v.seed(self.seed)
+        self.batch_size = v.integer("batch_size", self.batch_size, 1)
+        self.max_length = v.integer("max_length", self.max_length, 2)
+        self.skip_bos = v.flag("skip_bos", self.skip_bos)
+        self.norm_stats = v.flag("norm_stats", self.norm_stats)
+        self.gram = v.flag("gram", self.gram)
+        if not isinstance(self.tap, str) or self.tap not in TAPS:
             raise DietpruneError(f"unknown tap '{self.tap}'; choose from {', '.join(TAPS)}")
         if self.samples <= 0:
             raise DietpruneError(f"samples must be positive, got {self.samples}")

@@ -61,12 +61,24 @@ class PruneConfig:
     extra: dict = _opt({}, "free-form notes", cli=False)
 
     def __post_init__(self):
+        from . import validate as v  # a leaf module: typed checks of option values
+
         self.tasks = task_tuple(self.tasks)
+        if not isinstance(self.method, str):
+            raise DietpruneError(f"method must be a name, got {self.method!r}")
+        self.sparsity = v.real("sparsity", self.sparsity)
         check_sparsity(self.sparsity)
-        if self.samples <= 0:
-            raise DietpruneError(f"samples must be positive, got {self.samples}")
+        self.samples = v.integer("samples", self.samples, 1)
+        self.seed = v.seed(self.seed)
+        self.skip_bos = v.flag("skip_bos", self.skip_bos)
+        self.batch_size = v.integer("batch_size", self.batch_size, 1)
+        self.max_length = v.integer("max_length", self.max_length, 2)
+        if not isinstance(self.extra, dict):
+            raise DietpruneError(f"extra must be a dict, got {self.extra!r}")
         for f in fields(self):
             choices = f.metadata.get("choices")
+            if choices is not None and not isinstance(getattr(self, f.name), str):
+                raise DietpruneError(f"{f.name} must be a name, got {getattr(self, f.name)!r}")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise DietpruneError(f"unknown {f.name} '{getattr(self, f.name)}'; choose from {', '.join(choices)}")
 
@@ -99,9 +111,14 @@ class HiddenConfig(PruneConfig):
     fit_max_length: int = _opt(256, "tokens per re-fit sequence at most")
 
     def __post_init__(self):
+        from . import validate as v
+
         super().__post_init__()
-        if self.align < 1:
-            raise DietpruneError(f"align must be at least 1, got {self.align}")
+        self.align = v.integer("align", self.align, 1)
+        self.ridge = v.ridge("ridge", self.ridge)
+        self.refit_ridge = v.ridge("refit_ridge", self.refit_ridge)
+        self.fit_samples = v.integer("fit_samples", self.fit_samples, 1)
+        self.fit_max_length = v.integer("fit_max_length", self.fit_max_length, 2)
 
 
 @dataclass

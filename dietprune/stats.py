@@ -173,6 +173,9 @@ class Profile:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise DietpruneError(f"cannot write scores to {path}: {exc.strerror}") from exc
+        except BaseException:  # Ctrl-C, SIGTERM: no partial file left
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

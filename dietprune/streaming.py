@@ -41,16 +41,14 @@ class Checkpoint:
     """A safetensors checkpoint folder, read tensor by tensor (nothing is kept open)."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
+        from .models import check_safetensors_files
 
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         single = self.folder / "model.safetensors"
-        if index.is_file():
-            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
-        elif single.is_file():
-            with safe_open(str(single), framework="pt") as fh:
-                self.weight_map = {k: single.name for k in fh.keys()}
+        if index.is_file() or single.is_file():
+            # every shard's header is read now: a damaged or truncated file fails before any work
+            self.weight_map = check_safetensors_files(self.folder)
         else:
             raise DietpruneError(
                 f"{self.folder} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
@@ -124,10 +122,12 @@ def is_safetensors_folder(path) -> bool:
 def skeleton(folder: str | os.PathLike) -> nn.Module:
     """The model with meta-device parameters (buffers real), tied like the real one."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    config = AutoConfig.from_pretrained(folder)
+    from .models import load_config
+
+    config = load_config(folder)
     adapter_for_type(getattr(config, "model_type", "?"))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -142,12 +142,26 @@ def skeleton(folder: str | os.PathLike) -> nn.Module:
 
 
 def load_tokenizer(folder):
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer as load_checked
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_checked(folder)
+
+
+def check_complete(model: nn.Module, ckpt: Checkpoint) -> None:
+    """The checkpoint holds exactly the skeleton's tensors (the in-memory loader's strict check)."""
+    import re
+
+    from .models import check_weight_names, incomplete_allowed
+
+    expected = {n for n, _ in model.named_parameters()}  # a tied lm_head is the embedding's entry
+    known = set(model.state_dict())
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = {n for n in ckpt.weight_map if n not in known and not any(p.search(n) for p in ignore)}
+    missing = sorted(expected - set(ckpt.weight_map))
+    if missing and incomplete_allowed():
+        raise DietpruneError(f"--low-memory cannot stream {ckpt.folder}: {len(missing)} tensor(s) are missing "
+                             f"({', '.join(missing[:3])}); load it in memory (--no-low-memory) to have them random")
+    check_weight_names(missing, unexpected, ckpt.folder)
 
 
 def materialize_(model: nn.Module, prefix: str, module: nn.Module, ckpt: Checkpoint, device="cpu") -> None:
@@ -229,6 +243,7 @@ def open_streamed(folder, spec: str | None = None, device="cpu"):
 
     ckpt = Checkpoint(folder)
     model = skeleton(folder)
+    check_complete(model, ckpt)
     lm = LoadedModel(model=model, tokenizer=load_tokenizer(folder), spec=spec or str(folder), source="streamed")
     return lm, StreamedWeights(model, ckpt, device)
 
@@ -288,6 +303,9 @@ class ShardWriter:
         if t.dtype != dtype or tuple(t.shape[1:]) != shape[1:] or first_row + (t.shape[0] if t.dim() else 1) > \
                 (shape[0] if shape else 1) or (first_row == 0 and t.dim() != len(shape)):
             raise DietpruneError(f"internal: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DietpruneError(f"the pruned weights are not finite ({name}); nothing was written "
+                                 "(try another --repair or a larger --ridge)")
         shard, offset = self.where[name]
         row_bytes = int(torch.Size(shape[1:]).numel()) * dtype.itemsize
         data = t.contiguous().view(-1).view(torch.uint8).numpy()

@@ -192,10 +192,22 @@ def get_task(spec: str) -> Task:
     return _REGISTRY[spec]
 
 
+def _listed(specs) -> list | None:
+    if isinstance(specs, (str, bytes, dict)):
+        return None
+    try:
+        return list(specs)
+    except TypeError:
+        return None
+
+
 def task_tuple(specs) -> tuple[str, ...]:
     """'a,b' or an iterable of names -> a tuple of stripped, non-empty names (configs store this)."""
     if isinstance(specs, str):
         specs = specs.split(",")
+    given, specs = specs, _listed(specs)
+    if specs is None or not all(isinstance(s, str) for s in specs):
+        raise DietpruneError(f"tasks must be names ('a,b' or a list of strings), got {given!r}")
     return tuple(s.strip() for s in specs if s.strip())
 
 
@@ -205,6 +217,9 @@ def parse_tasks(specs) -> list[Task]:
         specs = [s.strip() for s in specs.split(",") if s.strip()]
     if not specs:
         raise DietpruneError("no tasks given")
+    given, specs = specs, _listed(specs)
+    if specs is None or not all(isinstance(s, (str, Task)) for s in specs):
+        raise DietpruneError(f"tasks must be names ('a,b', a list of strings) or Task objects, got {given!r}")
     tasks = [s if isinstance(s, Task) else get_task(s) for s in specs]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):

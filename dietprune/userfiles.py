@@ -23,6 +23,15 @@ def read_file_fields(path: str | os.PathLike) -> list[str]:
 def read_user_file(path: Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise DietpruneError(f"task file not found: {path}")
+    try:
+        return _parse_user_file(path, limit)
+    except UnicodeDecodeError as exc:
+        raise DietpruneError(f"task file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except OSError as exc:
+        raise DietpruneError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
+
+
+def _parse_user_file(path: Path, limit: int | None) -> list[dict]:
     rows: list[dict] = []
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:

@@ -22,19 +22,20 @@ def add_eval(sub):
     def run(args) -> int:
         import json
 
-        from ..errors import DietpruneError
+        from .. import validate
         from .results import format_table, save_results
         from .runner import evaluate_spec
 
-        if args.output:  # fail before the long run, not after
-            from pathlib import Path
+        if args.limit is not None:
+            validate.integer("--limit", args.limit, 1)
+        validate.integer("--batch-size", args.batch_size, 1)
+        if args.output is not None:  # fail before the long run, not after
+            from ..outputs import check_output_file
 
-            parent = Path(args.output).expanduser().absolute().parent
-            if not parent.is_dir():
-                raise DietpruneError(f"cannot write results: folder {parent} does not exist")
+            check_output_file(args.output, "results")
         res = evaluate_spec(args.model, args.tasks, limit=args.limit, data_dir=args.data_dir,
                             batch_size=args.batch_size, log_samples=args.log_samples)
-        if args.output:
+        if args.output is not None:
             save_results(res, args.output)
         if args.json:
             print(json.dumps({"tasks": res["tasks"], "meta": res["meta"]}, indent=2))
@@ -56,11 +57,13 @@ def add_compare(sub):
                    help="acc_norm (default: where a task reports it, else acc) or acc everywhere")
 
     def run(args) -> int:
-        from .compare import build_comparison, format_comparison, plot_comparison
+        from .compare import build_comparison, format_comparison, plot_comparison, plot_path
 
+        if args.plot is not None:
+            plot_path(args.plot)  # fail before reading the results
         cmp = build_comparison(args.results, metric=args.metric)
         print(format_comparison(cmp))
-        if args.plot:
+        if args.plot is not None:
             print(f"plot -> {plot_comparison(cmp, args.plot)}")
         return 0
 

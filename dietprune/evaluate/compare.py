@@ -91,15 +91,29 @@ def format_comparison(cmp: dict) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def plot_path(path) -> Path:
+    """The file the plot is written to: ``.png`` appended to a name without a suffix (as matplotlib
+    does), so the path printed is the path written; checked writable before any work."""
+    from ..outputs import check_output_file
+
+    out = check_output_file(path, "plot")
+    if not out.suffix:
+        out = check_output_file(out.with_name(out.name + ".png"), "plot")
+    elif out.suffix[1:].lower() not in PLOT_FORMATS:
+        raise DietpruneError(f"plot {out}: unknown image type '{out.suffix}'; use {', '.join(PLOT_FORMATS)}")
+    return out
+
+
 def plot_comparison(cmp: dict, path: str | os.PathLike) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(path).expanduser()
-    if not out.parent.is_dir():
-        raise DietpruneError(f"cannot write plot: folder {out.parent} does not exist")
+    out = plot_path(path)
     cols = cmp["columns"] + ["average"]
     rows = cmp["rows"]
     with_ppl = cmp["has_ppl"] and any(r["ppl"] is not None for r in rows)

@@ -32,7 +32,11 @@ def save_results(results: dict, path: str | os.PathLike) -> Path:
         tmp.write_text(json.dumps(_clean(results), indent=2) + "\n", encoding="utf-8")
         tmp.replace(out)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise DietpruneError(f"cannot write results to {out}: {exc.strerror}") from exc
+    except BaseException:  # Ctrl-C, SIGTERM: no partial file left
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -46,6 +50,15 @@ def load_results(path: str | os.PathLike) -> dict:
         raise DietpruneError(f"{p} is not a JSON results file ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise DietpruneError(f"{p} is not a dietprune results file (no 'tasks' object)")
+    if not isinstance(data.get("meta", {}), dict):
+        raise DietpruneError(f"{p}: 'meta' is not an object")
+    for task, metrics in data["tasks"].items():
+        if not isinstance(metrics, dict):
+            raise DietpruneError(f"{p}: task '{task}' holds {type(metrics).__name__}, not an object of metrics")
+        for key, value in metrics.items():
+            numeric = key in ("acc", "acc_norm", "n") or key.endswith(("_stderr", "perplexity"))
+            if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise DietpruneError(f"{p}: metric {task}.{key} is {value!r}, not a number")
     return data
 
 
