@@ -13,6 +13,12 @@ from dietprune.profile import DietObserver
 from tiny import tiny_model, tiny_tokenizer
 
 
+@pytest.fixture
+def data_dir(tiny_task_dir):
+    """These tests need well-formed rows, not real ones: the committed tiny task set."""
+    return tiny_task_dir
+
+
 def _seqs(n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 128, (int(torch.randint(3, 14, (1,), generator=g)),), generator=g).tolist()

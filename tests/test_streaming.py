@@ -16,6 +16,12 @@ TASKS = "boolq,arc_easy"
 KW = dict(samples=6, batch_size=4, max_length=32)
 
 
+@pytest.fixture
+def data_dir(tiny_task_dir):
+    """These tests need well-formed rows, not real ones: the committed tiny task set."""
+    return tiny_task_dir
+
+
 def _save(tmp_path, arch, shard="40KB"):
     folder = tmp_path / arch
     tiny_model(arch).save_pretrained(folder, max_shard_size=shard)
