@@ -49,7 +49,7 @@ def test_streamed_profile_equals_in_memory(arch, tap, tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("repair", ["rms", "rms+ls", "rms+ls+energy"])
+@pytest.mark.parametrize("repair", ["rms", "rms+ls", "rms+ls+energy", "rms+ls+refit"])
 def test_streamed_checkpoint_equals_in_memory(arch, repair, tmp_path, data_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
