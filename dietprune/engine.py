@@ -101,8 +101,11 @@ class Run:
     def tag(self) -> str:
         return self.batches[self.index].tag
 
-    def tokens(self, tag: str | None = None) -> int:
-        return sum(int(b.mask.sum()) for b in self.batches if tag is None or b.tag == tag)
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The current batch's counted tokens of x [batch, seq, ...] -> [tokens, ...], on x's device
+        (a model spread over devices by device_map has activations on several)."""
+        mask = self.mask
+        return x[mask if mask.device == x.device else mask.to(x.device)]
 
 
 class Observer:

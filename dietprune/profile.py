@@ -80,14 +80,14 @@ class DietObserver(Observer):
     @staticmethod
     def _post(sink, run: Run):
         def fn(module, args, output):
-            sink().add(output_tensor(output)[run.mask])
+            sink().add(run.select(output_tensor(output)))
 
         return fn
 
     @staticmethod
     def _pre(sink: Moments, run: Run):
         def fn(module, args):
-            sink.add(args[0][run.mask])
+            sink.add(run.select(args[0]))
 
         return fn
 

@@ -34,7 +34,7 @@ class _NormOutputs(Observer):
 
     def attach(self, block, index, run):
         def hook(module, args, output, key):
-            self.out[key] = output[run.mask].detach().float()
+            self.out[key] = run.select(output).detach().float()
 
         return [get_module(block, n).register_forward_hook(lambda m, a, o, key=(index, n): hook(m, a, o, key))
                 for n in self.adapter.reader_norms()]
@@ -59,7 +59,7 @@ class _Refit(Observer):
 
     def attach(self, block, index, run):
         def hook(module, args, output, norm_name):
-            gram_hat, cross, gram = moments(self.targets[(index, norm_name)], output[run.mask])
+            gram_hat, cross, gram = moments(self.targets[(index, norm_name)], run.select(output))
             for proj in self.adapter.norm_readers[norm_name]:
                 lin = get_module(block, proj)
                 w = self.dense_weight(index, proj).to(lin.weight.device)
