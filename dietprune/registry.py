@@ -159,6 +159,10 @@ class MethodSpec:
         module, name = self.target.split(":")
         return getattr(import_module(module), name)
 
+    def __iter__(self):
+        """`needs_profile, fn = METHODS[name]`: the table's former (tuple) entries still unpack."""
+        return iter((self.needs_profile, self.function()))
+
 
 METHODS: dict[str, MethodSpec] = {}
 
@@ -182,7 +186,7 @@ _declare("shortgpt", UnitConfig, False, "dietprune.baselines.methods:shortgpt", 
          self_calibrated=True)
 
 
-def register(name: str, config: type = HiddenConfig, needs_profile: bool = False, self_calibrated: bool = False,
+def register(name: str, needs_profile: bool = False, self_calibrated: bool = False, config: type = HiddenConfig,
              help: str = ""):
     """Decorator adding a method function(model, config, ctx) -> Selection under `name`."""
     def deco(fn):

@@ -206,3 +206,21 @@ def test_cli_flags_come_from_the_configs():
         for f in fields(spec.config):
             if f.metadata.get("cli"):
                 assert "--" + f.name.replace("_", "-") in flags
+
+
+def test_register_adds_a_plugin_method(data_dir):
+    from dietprune.pipeline import prune
+    from dietprune.registry import METHODS, Selection, register
+
+    @register("first-half", needs_profile=False)
+    def first_half(model, config, ctx):
+        return Selection(torch.arange(model.config.hidden_size // 2))
+
+    try:
+        needs_profile, fn = METHODS["first-half"]  # the table's entries still unpack as before
+        assert fn is first_half and not needs_profile
+        res = prune(tiny_model("qwen3"), tokenizer=tiny_tokenizer(), tasks="boolq", method="first-half",
+                    sparsity=0.5, repair="none", samples=4, data_dir=data_dir)
+        assert res.model.config.hidden_size == 32 and res.kept.tolist() == list(range(32))
+    finally:
+        METHODS.pop("first-half")
