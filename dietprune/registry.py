@@ -60,6 +60,12 @@ class PruneConfig:
     version: str = _opt(CONFIG_VERSION, "config format version", cli=False)
     extra: dict = _opt({}, "free-form notes", cli=False)
 
+    def __new__(cls, *args, **kwargs):
+        """`PruneConfig(method=m, ...)` builds method m's own config class (as `method_config` does)."""
+        if cls is PruneConfig and not args:
+            cls = spec(kwargs.get("method", "diet")).config
+        return object.__new__(cls)
+
     def __post_init__(self):
         self.tasks = task_tuple(self.tasks)
         check_sparsity(self.sparsity)

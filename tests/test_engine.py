@@ -189,6 +189,11 @@ def test_each_method_takes_only_its_own_options():
     with pytest.raises(DietpruneError, match="unknown merge"):
         method_config("diet", merge="median")
     assert method_config("diet").repair == "rms+ls"
+    from dietprune.registry import DietConfig, PruneConfig, UnitConfig
+
+    assert type(PruneConfig(method="diet", repair="rms")) is DietConfig  # the base class builds the method's own
+    assert type(PruneConfig(method="shortgpt")) is UnitConfig and type(PruneConfig()) is DietConfig
+    assert PruneConfig.from_dict(short.to_dict()) == short
     for name, spec in METHODS.items():  # every declared implementation resolves
         assert callable(spec.function()), name
 
