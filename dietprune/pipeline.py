@@ -177,9 +177,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         from . import distributed
 
         device = distributed.device()
-    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=getattr(config, "tap", ProfileConfig.tap),
-                         batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos,
-                         gram=use_ls)
+    pcfg = ProfileConfig.of(config, gram=use_ls)
     examples = None
     if use_refit or (scores is None and (method.needs_profile or ((use_rms or use_ls)
                                                                     and not method.self_calibrated))):

@@ -145,6 +145,12 @@ class ProfileConfig:
     norm_stats: bool = True  # sums of squares at norm inputs (cheap; used by RMS correction)
     gram: bool = False  # d×d Gram matrices at reader-norm outputs (least-squares repair)
 
+    @classmethod
+    def of(cls, config, gram: bool) -> "ProfileConfig":
+        """The profiling options of a prune config (`registry.PruneConfig`; its tap, or the default)."""
+        return cls(samples=config.samples, seed=config.seed, tap=getattr(config, "tap", DEFAULT_TAP),
+                   batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos, gram=gram)
+
     def __post_init__(self):
         if self.tap not in TAPS:
             raise DietpruneError(f"unknown tap '{self.tap}'; choose from {', '.join(TAPS)}")

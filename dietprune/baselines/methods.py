@@ -61,8 +61,7 @@ def agnostic(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     from ..profile import ProfileConfig, profile
 
     _, use_ls = parse_repair(config.repair)
-    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
-                         max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
+    pcfg = ProfileConfig.of(config, gram=use_ls)
     source = ctx.source or RESIDENT
     prof = profile(model, ctx.tokenizer, [GENERAL_TEXT], pcfg, data_dir=ctx.data_dir, source=source,
                    fingerprint=source.fingerprint(model) if source.streamed else None)
