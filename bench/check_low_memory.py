@@ -1,4 +1,4 @@
-"""Does `--low-memory` give the in-memory checkpoint on a real model? (magnitude, wanda-sp, shortgpt, diet)
+"""Does `--low-memory` give the in-memory checkpoint on a real model? (magnitude, wanda-sp, shortgpt, diet, refit)
 
     DIETPRUNE_DATA_DIR=../shared/benchdata python bench/check_low_memory.py [--model smollm2-135m]
 
@@ -32,7 +32,8 @@ def tensors(folder: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="magnitude,wanda-sp,shortgpt,diet")
+    ap.add_argument("--methods", default="magnitude,wanda-sp,shortgpt,diet,diet+refit",
+                    help="registry methods; diet+refit is diet with --repair rms+ls+refit")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.2)
     ap.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
@@ -51,9 +52,10 @@ def main(argv=None) -> int:
     report, ok = {"model": args.model, "samples": args.samples, "sparsity": args.sparsity, "methods": {}}, True
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            opts = dict(method=method, sparsity=args.sparsity, samples=args.samples, data_dir=args.data_dir)
-            if method == "diet":
-                opts["repair"] = "rms+ls"
+            opts = dict(method=method.split("+")[0], sparsity=args.sparsity, samples=args.samples,
+                        data_dir=args.data_dir)
+            if method.startswith("diet"):
+                opts["repair"] = "rms+ls+refit" if method.endswith("+refit") else "rms+ls"
             times = {}
             for low in (False, True):
                 t0 = time.perf_counter()

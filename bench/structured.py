@@ -3,6 +3,7 @@
     python bench/structured.py                    # the full study (hours on a small CPU box)
     python bench/structured.py --quick            # smoke run: smollm2-135m, 20%, 3 methods, tiny limits
     python bench/structured.py --render-only      # rebuild JSON, docs/results.md and plots from the cells
+    python bench/structured.py --models google/gemma-2-2b --device cuda   # the paper's setting (hub + a GPU)
 
 Every cell is one (model, method, sparsity, seed, variant): prune a fresh copy of the model
 with ``dietprune.prune`` (calibration from the tasks' calib split, as the package does),
@@ -800,6 +801,8 @@ def parse_args(argv=None):
                     help="profile inside every prune() call instead of sharing one task profile per "
                          "(model, samples, seed, tap) between the cells that only need that profile")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="load every model there (e.g. cuda): profiling, repair, cut and "
+                                                   "evaluation run on it")
     ap.add_argument("--out")
     ap.add_argument("--cells-dir")
     ap.add_argument("--plots-dir")
@@ -892,7 +895,7 @@ def main(argv=None) -> int:
         print(f"[{len(cells)} done | {eta}] {key}", flush=True)
         if spec["model"] not in models:
             t0 = time.perf_counter()
-            models[spec["model"]] = load(spec["model"])
+            models[spec["model"]] = load(spec["model"], device=args.device)
             print(f"  loaded {spec['model']} in {time.perf_counter() - t0:.0f}s", flush=True)
         try:
             cell = run_cell(models[spec["model"]], spec, settings, args.data_dir, profiles)

@@ -42,6 +42,8 @@ class ModelAdapter:
     norm_offset: float = 0.0
     # Embeddings are multiplied by sqrt(config.hidden_size) inside the model's forward.
     embed_scaled_by_sqrt_hidden: bool = False
+    # lm-evaluation-harness prepends BOS for this family (Gemma); calibration follows the same rule.
+    add_bos: bool = False
     # Attention / MLP internals for structured baselines (heads, channels).
     q_proj: str = "self_attn.q_proj"
     k_proj: str = "self_attn.k_proj"
@@ -178,6 +180,7 @@ _GEMMA_SANDWICH = dict(
     },
     norm_offset=1.0,
     embed_scaled_by_sqrt_hidden=True,
+    add_bos=True,
 )
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
@@ -204,6 +207,12 @@ def adapter_for_type(model_type: str) -> ModelAdapter:
     raise DietpruneError(
         f"unsupported architecture '{model_type}'; supported: {', '.join(supported_model_types())}"
     )
+
+
+def bos_policy(config) -> bool:
+    """Does this architecture's prompt start with BOS? (False for a family without an adapter.)"""
+    model_type = getattr(config, "model_type", None)
+    return any(a.add_bos for a in ADAPTERS if model_type in a.model_types)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

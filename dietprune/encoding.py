@@ -1,7 +1,8 @@
 """Tokenising formatted examples, shared by calibration and evaluation.
 
 BOS policy: the harness prepends BOS for Gemma models and not for others unless asked; the
-same rule applies here everywhere, so calibration sees exactly what evaluation sees.
+same rule (``ModelAdapter.add_bos``) applies here everywhere, so calibration sees exactly what
+evaluation sees.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from .tasks import Example
 
 
 def wants_bos(model_or_config) -> bool:
-    config = getattr(model_or_config, "config", model_or_config)
-    return str(getattr(config, "model_type", "")).startswith("gemma")
+    """The BOS policy of the model's family (``ModelAdapter.add_bos``)."""
+    from .adapters import bos_policy
+
+    return bos_policy(getattr(model_or_config, "config", model_or_config))
 
 
 def encode(tokenizer, text: str, add_bos: bool) -> list[int]:

@@ -25,8 +25,8 @@ the forward the statistics were defined on).
 
 Activations between blocks live in memory, or in a scratch file (`offload="disk"`, or "auto"
 when they would take more than an eighth of the free RAM). During a pass `Run.mask` is the
-current batch's token mask (non-padding tokens, optionally without BOS) and `Run.tag` its label
-(the task name, or "general"/"task"); hooks read both. Statistics therefore come out exactly as a
+current batch's token mask (non-padding tokens, optionally without BOS), `Run.select(x)` those
+tokens of an activation, and `Run.tag` the batch's label (the task name, or "general"/"task"). Statistics therefore come out exactly as a
 whole-model forward with the same hooks would give them: the same batches go through the same
 blocks with the same arguments.
 
@@ -34,6 +34,7 @@ Observer protocol (subclass `Observer`; every method has a no-op default)::
 
     attach(block, index, run) -> list of hook handles      # removed by the engine after the pass
     finish_block(block, index, run) -> bool                 # True: block changed, rerun it
+    sequential: bool                                        # finish_block may change the block
     final: bool                                             # run the final norm after the blocks
     attach_final(norm, run) -> list of hook handles
     finish_model(model, run) -> None
@@ -101,8 +102,11 @@ class Run:
     def tag(self) -> str:
         return self.batches[self.index].tag
 
-    def tokens(self, tag: str | None = None) -> int:
-        return sum(int(b.mask.sum()) for b in self.batches if tag is None or b.tag == tag)
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The current batch's counted tokens of x [batch, seq, ...] -> [tokens, ...], on x's device
+        (a model spread over devices by device_map has activations on several)."""
+        mask = self.mask
+        return x[mask if mask.device == x.device else mask.to(x.device)]
 
 
 class Observer:

@@ -13,7 +13,7 @@ import torch
 
 from .errors import DietpruneError
 from .merge import keep_count, merge
-from .registry import MethodContext, PruneConfig, Selection
+from .registry import METHODS, MethodContext, PruneConfig, Selection, register  # noqa: F401 (re-exported)
 
 
 def width_align(model, config: PruneConfig) -> int:

@@ -198,9 +198,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         from . import distributed
 
         device = distributed.device()
-    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=getattr(config, "tap", ProfileConfig.tap),
-                         batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos,
-                         gram=use_ls)
+    pcfg = ProfileConfig.of(config, gram=use_ls)
     examples = None
     if use_refit or (scores is None and (method.needs_profile or ((use_rms or use_ls)
                                                                     and not method.self_calibrated))):
@@ -214,8 +212,9 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     if folder is not None:  # a skeleton whose blocks the engine reads from the shards one at a time
         from .streaming import open_streamed
 
-        if use_refit:
-            raise DietpruneError("--repair refit needs the model in memory; use --repair rms with --low-memory")
+        if use_refit and dtype not in (None, "float32"):
+            raise DietpruneError("--repair refit with --low-memory re-fits the float32 shards it writes: "
+                                 "save as float32 (no --dtype), or prune in memory")
         lm, source = open_streamed(folder, str(model), device or "cpu")
         net = lm.model
         fingerprint = source.fingerprint(net)
@@ -267,6 +266,12 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
             repair_info["rms_factors"] = plan.rms_factors()
         if not source.streamed:
             repair_info.update(_cut_resident(net, lm.tokenizer, plan, config, examples, use_refit))
+        elif use_refit:  # the dense targets, streamed now; the re-fit runs on the shards once they are written
+            from .refit import capture_norm_outputs, fit_batch
+
+            fit = fit_batch(net, lm.tokenizer, examples, config.fit_samples, config.fit_max_length, config.seed,
+                            device=source.device(net))
+            targets = capture_norm_outputs(net, *fit, adapter=adapter, source=source)
     timings["cut"] = time.perf_counter() - t0
 
     summary = {"model": lm.spec, "method": config.method, "hidden_size_before": d,
@@ -297,6 +302,11 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
                 size = parse_size(max_shard_size)
                 written = stream_checkpoint(net, source.ckpt, plan, tmp, dtype=dtype, max_shard_bytes=size) \
                     if plan is not None else stream_apply(net, source.ckpt, selection.apply, tmp, dtype, size)
+                if use_refit and plan is not None:
+                    from .refit import refit_streamed_
+
+                    repair_info["refit_relative_error"] = _refit_summary(
+                        refit_streamed_(tmp, source.ckpt, targets, *fit, ridge=config.refit_ridge))
                 summary["params_after"] = written["params_after"]
                 summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
 
@@ -346,8 +356,7 @@ def _cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, 
         from .refit import refit_readers_
 
         errors = refit_readers_(net, dense_weights, targets, *fit, ridge=config.refit_ridge, adapter=plan.adapter)
-        info["refit_relative_error"] = {"before": sum(b for b, _ in errors.values()) / len(errors),
-                                        "after": sum(a for _, a in errors.values()) / len(errors)}
+        info["refit_relative_error"] = _refit_summary(errors)
     return info
 
 
@@ -374,6 +383,11 @@ def check_finite(model) -> None:
         if not torch.isfinite(p).all():
             raise DietpruneError(f"the pruned weights are not finite ({name}); nothing was written "
                                  "(try another --repair or a larger --ridge)")
+
+
+def _refit_summary(errors: dict) -> dict:
+    return {"before": sum(b for b, _ in errors.values()) / len(errors),
+            "after": sum(a for _, a in errors.values()) / len(errors)}
 
 
 def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info) -> dict:

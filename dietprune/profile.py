@@ -80,14 +80,14 @@ class DietObserver(Observer):
     @staticmethod
     def _post(sink, run: Run):
         def fn(module, args, output):
-            sink().add(output_tensor(output)[run.mask])
+            sink().add(run.select(output_tensor(output)))
 
         return fn
 
     @staticmethod
     def _pre(sink: Moments, run: Run):
         def fn(module, args):
-            sink.add(args[0][run.mask])
+            sink.add(run.select(args[0]))
 
         return fn
 
@@ -144,6 +144,12 @@ class ProfileConfig:
     skip_bos: bool = False
     norm_stats: bool = True  # sums of squares at norm inputs (cheap; used by RMS correction)
     gram: bool = False  # d×d Gram matrices at reader-norm outputs (least-squares repair)
+
+    @classmethod
+    def of(cls, config, gram: bool) -> "ProfileConfig":
+        """The profiling options of a prune config (`registry.PruneConfig`; its tap, or the default)."""
+        return cls(samples=config.samples, seed=config.seed, tap=getattr(config, "tap", DEFAULT_TAP),
+                   batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos, gram=gram)
 
     def __post_init__(self):
         from . import validate as v

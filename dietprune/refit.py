@@ -34,7 +34,7 @@ class _NormOutputs(Observer):
 
     def attach(self, block, index, run):
         def hook(module, args, output, key):
-            self.out[key] = output[run.mask].detach().float()
+            self.out[key] = run.select(output).detach().float()
 
         return [get_module(block, n).register_forward_hook(lambda m, a, o, key=(index, n): hook(m, a, o, key))
                 for n in self.adapter.reader_norms()]
@@ -45,16 +45,24 @@ class _Refit(Observer):
     fitted on inputs produced by the already re-fitted blocks before it, and its outputs (passed on by the
     engine) are those of the re-fitted block, so no rerun is needed."""
 
-    def __init__(self, adapter, dense_weights, targets, ridge):
-        self.adapter, self.dense_weights, self.targets, self.ridge = adapter, dense_weights, targets, ridge
+    def __init__(self, adapter, dense_weight, targets, ridge, after_block=None):
+        """`dense_weight(layer, proj)`: the dense model's weight; `after_block(block, index)`: called with
+        the re-fitted block still loaded (the streamed path writes its readers back there)."""
+        self.adapter, self.dense_weight, self.targets, self.ridge = adapter, dense_weight, targets, ridge
+        self.after_block = after_block
         self.report: dict[str, tuple[float, float]] = {}
+
+    def finish_block(self, block, index, run):
+        if self.after_block is not None:
+            self.after_block(block, index)
+        return False
 
     def attach(self, block, index, run):
         def hook(module, args, output, norm_name):
-            gram_hat, cross, gram = moments(self.targets[(index, norm_name)], output[run.mask])
+            gram_hat, cross, gram = moments(self.targets[(index, norm_name)], run.select(output))
             for proj in self.adapter.norm_readers[norm_name]:
                 lin = get_module(block, proj)
-                w = self.dense_weights[(index, proj)]
+                w = self.dense_weight(index, proj).to(lin.weight.device)
                 before = relative_error(lin.weight, w, gram_hat, cross, gram)
                 lin.weight.data.copy_(solve_refit(w, gram_hat, cross, self.ridge, prior=lin.weight))
                 self.report[f"{index}.{proj}"] = (before, relative_error(lin.weight, w, gram_hat, cross, gram))
@@ -69,10 +77,10 @@ def _one_batch(ids: torch.Tensor, attn: torch.Tensor) -> list[Batch]:
 
 @torch.no_grad()
 def capture_norm_outputs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor,
-                         adapter: ModelAdapter | None = None) -> dict[tuple[int, str], torch.Tensor]:
+                         adapter: ModelAdapter | None = None, source=engine.RESIDENT) -> dict[tuple[int, str], torch.Tensor]:
     """Outputs of every reader norm over the non-padding tokens: {(layer, norm): [tokens, d]}."""
     obs = _NormOutputs(adapter or adapter_for(model))
-    engine.run(model, _one_batch(ids, attn), [obs], desc="refit targets")
+    engine.run(model, _one_batch(ids, attn), [obs], source=source, desc="refit targets")
     return obs.out
 
 
@@ -112,8 +120,31 @@ def refit_readers_(pruned: nn.Module, dense_weights: dict[tuple[int, str], torch
     `dense_weights[(layer, proj)]` is the dense model's weight of that projection,
     `targets[(layer, norm)]` the dense model's norm output on the same tokens (capture_norm_outputs).
     """
-    obs = _Refit(adapter or adapter_for(pruned), dense_weights, targets, ridge)
+    obs = _Refit(adapter or adapter_for(pruned), lambda i, p: dense_weights[(i, p)], targets, ridge)
     engine.run(pruned, _one_batch(ids, attn), [obs], desc="refit")
+    return obs.report
+
+
+@torch.no_grad()
+def refit_streamed_(folder, dense_ckpt, targets: dict, ids: torch.Tensor, attn: torch.Tensor,
+                    ridge: float = 1e-3) -> dict[str, tuple[float, float]]:
+    """`refit_readers_` for a cut checkpoint folder (float32 safetensors) streamed block by block: each
+    block's re-fitted readers are written back into its shards in place; dense weights come from `dense_ckpt`."""
+    from .streaming import Checkpoint, StreamedWeights, overwrite_tensor, skeleton
+
+    ckpt = Checkpoint(folder)
+    pruned = skeleton(folder)
+    adapter = adapter_for(pruned)
+
+    def dense_weight(i, proj):
+        return dense_ckpt.get(f"{adapter.layers}.{i}.{proj}.weight").to(torch.float32)
+
+    def write_back(block, i):
+        for proj in adapter.readers:
+            overwrite_tensor(ckpt, f"{adapter.layers}.{i}.{proj}.weight", get_module(block, proj).weight)
+
+    obs = _Refit(adapter, dense_weight, targets, ridge, after_block=write_back)
+    engine.run(pruned, _one_batch(ids, attn), [obs], source=StreamedWeights(pruned, ckpt), desc="refit")
     return obs.report
 
 
@@ -124,7 +155,8 @@ def reader_weights(model: nn.Module, adapter: ModelAdapter | None = None) -> dic
             for i, block in enumerate(adapter.blocks(model)) for name in adapter.readers}
 
 
-def fit_batch(model: nn.Module, tokenizer, examples: dict[str, list], n: int, max_length: int, seed: int = 0):
+def fit_batch(model: nn.Module, tokenizer, examples: dict[str, list], n: int, max_length: int, seed: int = 0,
+              device=None):
     """One right-padded batch (ids, attention mask) of `n` calibration sequences pooled over tasks."""
     pooled = [e for task_examples in examples.values() for e in task_examples]
     g = torch.Generator().manual_seed(seed)
@@ -132,5 +164,5 @@ def fit_batch(model: nn.Module, tokenizer, examples: dict[str, list], n: int, ma
     seqs = calibration_ids(tokenizer, [pooled[i] for i in pick], wants_bos(model), max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, attn = next(batches(seqs, len(seqs), pad))
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     return ids.to(device), attn.to(device)

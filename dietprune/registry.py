@@ -60,6 +60,12 @@ class PruneConfig:
     version: str = _opt(CONFIG_VERSION, "config format version", cli=False)
     extra: dict = _opt({}, "free-form notes", cli=False)
 
+    def __new__(cls, *args, **kwargs):
+        """`PruneConfig(method=m, ...)` builds method m's own config class (as `method_config` does)."""
+        if cls is PruneConfig and not args:
+            cls = spec(kwargs.get("method", "diet")).config
+        return object.__new__(cls)
+
     def __post_init__(self):
         from . import validate as v  # a leaf module: typed checks of option values
 
@@ -176,6 +182,10 @@ class MethodSpec:
         module, name = self.target.split(":")
         return getattr(import_module(module), name)
 
+    def __iter__(self):
+        """`needs_profile, fn = METHODS[name]`: the table's former (tuple) entries still unpack."""
+        return iter((self.needs_profile, self.function()))
+
 
 METHODS: dict[str, MethodSpec] = {}
 
@@ -199,7 +209,7 @@ _declare("shortgpt", UnitConfig, False, "dietprune.baselines.methods:shortgpt", 
          self_calibrated=True)
 
 
-def register(name: str, config: type = HiddenConfig, needs_profile: bool = False, self_calibrated: bool = False,
+def register(name: str, needs_profile: bool = False, self_calibrated: bool = False, config: type = HiddenConfig,
              help: str = ""):
     """Decorator adding a method function(model, config, ctx) -> Selection under `name`."""
     def deco(fn):

@@ -114,6 +114,20 @@ class Checkpoint:
         return self.get_many([name])[name]
 
 
+def overwrite_tensor(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
+    """Write `t` over tensor `name` in its shard, in place (same shape and dtype as stored)."""
+    path = ckpt.folder / ckpt.weight_map[name]
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        entry = json.loads(fh.read(n))[name]
+        data = t.detach().to("cpu").contiguous()
+        if _ST_DTYPES.get(data.dtype) != entry["dtype"] or list(data.shape) != entry["shape"]:
+            raise DietpruneError(f"internal: {name} is {tuple(data.shape)} {data.dtype}, stored {entry['shape']} "
+                                 f"{entry['dtype']}")
+        fh.seek(8 + n + entry["data_offsets"][0])
+        fh.write(data.view(-1).view(torch.uint8).numpy().tobytes())
+
+
 def is_safetensors_folder(path) -> bool:
     p = Path(path)
     return p.is_dir() and ((p / INDEX_NAME).is_file() or (p / "model.safetensors").is_file())

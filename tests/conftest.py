@@ -18,3 +18,12 @@ def data_dir():
     if not d:
         pytest.skip("no benchmark data: set DIETPRUNE_DATA_DIR")
     return d
+
+
+TINY_TASKS = Path(__file__).resolve().parent / "fixtures" / "tasks"
+
+
+@pytest.fixture(scope="session")
+def tiny_task_dir():
+    """A committed task set of our own (tests/fixtures/make_tasks.py): core tests run without ../shared."""
+    return str(TINY_TASKS)

@@ -11,6 +11,12 @@ from dietprune.cli import main
 from tiny import save_tiny, tiny_model
 
 
+@pytest.fixture
+def data_dir(tiny_task_dir):
+    """These tests need well-formed rows, not real ones: the committed tiny task set."""
+    return tiny_task_dir
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("m") / "tiny", "gemma3_text")

@@ -13,6 +13,12 @@ from dietprune.profile import DietObserver
 from tiny import tiny_model, tiny_tokenizer
 
 
+@pytest.fixture
+def data_dir(tiny_task_dir):
+    """These tests need well-formed rows, not real ones: the committed tiny task set."""
+    return tiny_task_dir
+
+
 def _seqs(n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 128, (int(torch.randint(3, 14, (1,), generator=g)),), generator=g).tolist()
@@ -183,6 +189,11 @@ def test_each_method_takes_only_its_own_options():
     with pytest.raises(DietpruneError, match="unknown merge"):
         method_config("diet", merge="median")
     assert method_config("diet").repair == "rms+ls"
+    from dietprune.registry import DietConfig, PruneConfig, UnitConfig
+
+    assert type(PruneConfig(method="diet", repair="rms")) is DietConfig  # the base class builds the method's own
+    assert type(PruneConfig(method="shortgpt")) is UnitConfig and type(PruneConfig()) is DietConfig
+    assert PruneConfig.from_dict(short.to_dict()) == short
     for name, spec in METHODS.items():  # every declared implementation resolves
         assert callable(spec.function()), name
 
@@ -200,3 +211,21 @@ def test_cli_flags_come_from_the_configs():
         for f in fields(spec.config):
             if f.metadata.get("cli"):
                 assert "--" + f.name.replace("_", "-") in flags
+
+
+def test_register_adds_a_plugin_method(data_dir):
+    from dietprune.pipeline import prune
+    from dietprune.registry import METHODS, Selection, register
+
+    @register("first-half", needs_profile=False)
+    def first_half(model, config, ctx):
+        return Selection(torch.arange(model.config.hidden_size // 2))
+
+    try:
+        needs_profile, fn = METHODS["first-half"]  # the table's entries still unpack as before
+        assert fn is first_half and not needs_profile
+        res = prune(tiny_model("qwen3"), tokenizer=tiny_tokenizer(), tasks="boolq", method="first-half",
+                    sparsity=0.5, repair="none", samples=4, data_dir=data_dir)
+        assert res.model.config.hidden_size == 32 and res.kept.tolist() == list(range(32))
+    finally:
+        METHODS.pop("first-half")

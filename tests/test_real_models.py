@@ -23,21 +23,24 @@ def test_prune_real_preset(preset, hidden, tmp_path, data_dir):
     assert res.summary["hidden_size_before"] == hidden
     assert res.summary["param_reduction"] > 0.15
     ids = torch.tensor([[5, 17, 250, 1024, 33, 9]])
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         expected = res.model(input_ids=ids).logits
+        expected_gen = res.model.generate(**prompt, max_new_tokens=10, do_sample=False)
     del res
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tok = AutoTokenizer.from_pretrained(out)
     assert model.config.hidden_size == json.loads((out / "dietprune.json").read_text())["summary"]["hidden_size_after"]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
-        prompt = tok("The capital of France is", return_tensors="pt")
         gen = model.generate(**prompt, max_new_tokens=10, do_sample=False)
-    assert gen.shape[1] == prompt["input_ids"].shape[1] + 10 or tok.eos_token_id in gen[0].tolist()
+    # the reloaded checkpoint generates what the pruned model in memory generated (greedy)
+    assert torch.equal(gen, expected_gen) and gen.shape[1] > prompt["input_ids"].shape[1]
 
     rows = [r["text"] for r in evaluation_rows(get_task("wikitext2"), limit=40, data_dir_=data_dir) if r["text"].strip()]
     enc = tok("\n\n".join(rows[:6]), return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
         loss = model(input_ids=enc, labels=enc).loss
-    assert math.isfinite(loss.item()) and math.exp(loss.item()) < 1e5
+    # far below a uniform guess over the vocabulary (perplexity = vocab size): the cut model still models text
+    assert math.isfinite(loss.item()) and math.exp(loss.item()) < 0.02 * model.config.vocab_size

@@ -16,6 +16,12 @@ TASKS = "boolq,arc_easy"
 KW = dict(samples=6, batch_size=4, max_length=32)
 
 
+@pytest.fixture
+def data_dir(tiny_task_dir):
+    """These tests need well-formed rows, not real ones: the committed tiny task set."""
+    return tiny_task_dir
+
+
 def _save(tmp_path, arch, shard="40KB"):
     folder = tmp_path / arch
     tiny_model(arch).save_pretrained(folder, max_shard_size=shard)
@@ -43,7 +49,7 @@ def test_streamed_profile_equals_in_memory(arch, tap, tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("repair", ["rms", "rms+ls", "rms+ls+energy"])
+@pytest.mark.parametrize("repair", ["rms", "rms+ls", "rms+ls+energy", "rms+ls+refit"])
 def test_streamed_checkpoint_equals_in_memory(arch, repair, tmp_path, data_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +83,8 @@ def test_streamed_checkpoint_equals_in_memory(arch, repair, tmp_path, data_dir, 
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen2"])
-@pytest.mark.parametrize("method,opts", [("magnitude", {"repair": "rms"}), ("wanda-sp", {}), ("shortgpt", {})])
+@pytest.mark.parametrize("method,opts", [("magnitude", {"repair": "rms"}), ("wanda-sp", {}), ("shortgpt", {}),
+                                         ("agnostic", {"repair": "rms+ls"})])
 def test_streamed_methods_equal_in_memory(arch, method, opts, tmp_path, data_dir):
     """Methods that read weights or cut heads, channels or layers work with --low-memory, with the same result."""
     folder = _save(tmp_path, arch)
@@ -92,6 +99,9 @@ def test_streamed_methods_equal_in_memory(arch, method, opts, tmp_path, data_dir
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-6)
     ma = json.loads((tmp_path / "mem" / "dietprune.json").read_text())
     mb = json.loads((tmp_path / "low" / "dietprune.json").read_text())
+    for m in (ma, mb):  # timings (and how the engine ran) may differ, nothing else
+        for key in ("seconds", "engine"):
+            m["selection"].get("profile", {}).pop(key, None)
     assert ma["kept_indices"] == mb["kept_indices"] and ma["selection"] == mb["selection"]
     assert low.summary["low_memory"] and low.model is None
     assert low.summary["params_after"] == mem.summary["params_after"] < mem.summary["params_before"]

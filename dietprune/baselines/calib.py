@@ -53,7 +53,7 @@ class LinearInputs(Observer):
             lin = get_module(block, name)
             mom = Moments.zeros(lin.in_features, sum=True, sq=True, device=self.device)
             self.moments[name].append(mom)
-            handles.append(lin.register_forward_pre_hook(lambda m, args, mom=mom: mom.add(args[0][run.mask])))
+            handles.append(lin.register_forward_pre_hook(lambda m, args, mom=mom: mom.add(run.select(args[0]))))
         return handles
 
     def finish_block(self, block, index, run):
@@ -77,7 +77,8 @@ class BlockCosine(Observer):
 
     def attach(self, block, index, run):
         def hook(module, args, kwargs, output):
-            s, n = cosine_sum(args[0] if args else kwargs["hidden_states"], output_tensor(output), run.mask)
+            y = output_tensor(output)
+            s, n = cosine_sum(args[0] if args else kwargs["hidden_states"], y, run.mask.to(y.device))
             self.sums[index] += s
             self.counts[index] += n
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import adapter_for, get_module, param_count
+from ..engine import RESIDENT
 from ..merge import merge, order_by
 from ..methods import width_align
 from ..registry import MethodContext, PruneConfig, Selection
@@ -60,9 +61,10 @@ def agnostic(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     from ..profile import ProfileConfig, profile
 
     _, use_ls = parse_repair(config.repair)
-    pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
-                         max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
-    prof = profile(model, ctx.tokenizer, [GENERAL_TEXT], pcfg, data_dir=ctx.data_dir)
+    pcfg = ProfileConfig.of(config, gram=use_ls)
+    source = ctx.source or RESIDENT
+    prof = profile(model, ctx.tokenizer, [GENERAL_TEXT], pcfg, data_dir=ctx.data_dir, source=source,
+                   fingerprint=source.fingerprint(model) if source.streamed else None)
     scores = prof.score_matrix()
     result = merge(scores, config.sparsity, config.merge, width_align(model, config))
     tensors = {"votes": result.votes.to(torch.int32), "scores": scores.float()}

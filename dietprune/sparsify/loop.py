@@ -101,7 +101,7 @@ class LinearStats(Observer):
                 self.stats[tag][g] = Moments.zeros(lin.in_features, sq=True, gram=gram,
                                                    device=lin.weight.device)
         return [get_module(block, g[0]).register_forward_pre_hook(
-            lambda m, args, g=g: self.stats[run.tag][g].add(args[0][run.mask])) for g in self.groups]
+            lambda m, args, g=g: self.stats[run.tag][g].add(run.select(args[0]))) for g in self.groups]
 
     def finish_block(self, block, index, run):
         for tag in self.stats:
