@@ -74,7 +74,9 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
     validate.run_options(low_memory, offload, device_map)
     if output is not None:
-        check_output_file(output, "scores")
+        from .outputs import is_scores_file
+
+        check_output_file(output, "scores", replaceable=is_scores_file)
     examples = load_calibration(tasks, cfg, data_dir)
     folder = _streaming_folder(model, low_memory, device_map)
     if folder is not None:
