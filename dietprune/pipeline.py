@@ -357,7 +357,7 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
     output = Path(output)
     # a symlinked output: the folder it points at is replaced, and the link keeps pointing at it
     dest = output.resolve() if output.is_symlink() else output
-    tmp = None
+    tmp = old = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         umask = os.umask(0)
@@ -377,7 +377,6 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
         for f in tmp.iterdir():
             publish_mode(f)  # safetensors writes 0600; every file of a checkpoint gets the same mode
-        old = None
         if dest.exists():
             if any(dest.iterdir()):
                 if not overwrite:
@@ -404,5 +403,7 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        elif old is not None:  # interrupted right after the swap: the replaced folder goes too
+            shutil.rmtree(old, ignore_errors=True)
         raise
     return output

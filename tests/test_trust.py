@@ -534,3 +534,19 @@ def test_a_users_file_is_never_replaced_by_a_scores_results_or_plot_file(capsys,
     for _ in range(2):
         assert run_cli(capsys, ["profile", tiny_dir, "--tasks", "arc_easy", "--samples", "2", "--data-dir",
                                 data_dir, "--output", scores])[0] == 0
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done():
+    from dietprune.signals import Terminated, deferred, terminate_as_interrupt
+
+    steps = []
+    with pytest.raises(Terminated):
+        with terminate_as_interrupt():
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                steps.append("swap finished")
+            time.sleep(1)  # the held-back signal is delivered here
+            steps.append("not reached")
+    assert steps == ["swap finished"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the old handler is back
