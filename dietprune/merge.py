@@ -25,6 +25,10 @@ def keep_count(d: int, sparsity: float, align: int = 1) -> int:
 
 
 def check_sparsity(sparsity: float) -> None:
+    import numbers
+
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise DietpruneError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not (0.0 <= float(sparsity) < 1.0) or sparsity != sparsity:
         raise DietpruneError(f"sparsity must be in [0, 1), got {sparsity}")
 
@@ -86,6 +90,14 @@ def merge(scores: torch.Tensor, sparsity: float, method: str = "vote", align: in
     - mean: keep the k with the highest mean normalised score.
     - rank: keep the k with the lowest mean within-task rank (ties by mean normalised score).
     """
+    from .validate import integer
+
+    if not isinstance(scores, torch.Tensor) or scores.dim() not in (1, 2) or scores.numel() == 0 \
+            or not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64)):
+        raise DietpruneError("scores must be a non-empty [tasks, d] (or [d]) tensor of numbers, got "
+                             + (f"shape {tuple(scores.shape)} {scores.dtype}" if isinstance(scores, torch.Tensor)
+                                else type(scores).__name__))
+    align = integer("align", align, 1)
     if scores.dim() == 1:
         scores = scores[None]
     if method not in MERGES:

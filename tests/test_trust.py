@@ -257,6 +257,10 @@ def test_library_refuses_nan_ridge_and_wrong_types():
         dietprune.prune("x/y", tasks="boolq", ridg=0.1)
     with pytest.raises(DietpruneError, match="model must be"):
         dietprune.prune(42, tasks="boolq", tokenizer=object())
+    for bad in ({"scores": "scores.safetensors"}, {"scores": torch.zeros(0)}, {"scores": torch.ones(2, 2, 2)},
+                {"scores": torch.ones(2, 8), "sparsity": "0.5"}, {"scores": torch.ones(2, 8), "align": 0}):
+        with pytest.raises(DietpruneError):
+            dietprune.merge(**{"sparsity": 0.5, **bad})
 
 
 # ---- defect 5: tracebacks that are now one line ---------------------------------------------------
