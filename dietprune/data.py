@@ -37,12 +37,16 @@ def _load_local(task: Task, role: str, root: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is our one line, not also its log
     try:
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps a bad line, bad bytes or mixed types in its own errors
         cause = exc.__cause__ or exc.__context__ or exc
         raise DietpruneError(f"cannot read task data {path}: not valid JSON lines "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return list(ds)
 
 

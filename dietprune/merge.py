@@ -81,6 +81,14 @@ def merge(scores: torch.Tensor, sparsity: float, method: str = "vote", align: in
     - mean: keep the k with the highest mean normalised score.
     - rank: keep the k with the lowest mean within-task rank (ties by mean normalised score).
     """
+    from .validate import integer
+
+    if not isinstance(scores, torch.Tensor) or scores.dim() not in (1, 2) or scores.numel() == 0 \
+            or not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64)):
+        raise DietpruneError("scores must be a non-empty [tasks, d] (or [d]) tensor of numbers, got "
+                             + (f"shape {tuple(scores.shape)} {scores.dtype}" if isinstance(scores, torch.Tensor)
+                                else type(scores).__name__))
+    align = integer("align", align, 1)
     if scores.dim() == 1:
         scores = scores[None]
     if method not in MERGES:

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.util import find_spec
@@ -177,8 +178,15 @@ def _save_gguf_cache(entry: Path, model, tokenizer) -> None:
 def _load_errors() -> tuple:
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError, struct.error,
-            pickle.UnpicklingError, SafetensorError)
+    errors = (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, EOFError, struct.error,
+              pickle.UnpicklingError, SafetensorError)
+    try:  # a config field of the wrong type (huggingface_hub's strict dataclasses)
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
+    return errors
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
@@ -205,8 +213,10 @@ def incomplete_allowed() -> bool:
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
+    text = [t.strip() for t in str(exc).strip().splitlines() if t.strip()]
     line = text[0] if text else type(exc).__name__
+    if line.endswith(":") and len(text) > 1:  # "Validation error for field 'x':" / the reason below
+        line = f"{line} {text[1]}"
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -224,6 +234,8 @@ def describe_load_error(exc: BaseException, what: str) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{what} is not valid JSON ({exc.msg}, line {exc.lineno})"
     line = _first_line(exc)
+    if "ignore_mismatched_sizes" in line:  # transformers' size-mismatch report is in its (muted) log
+        return f"{what}: tensor shapes do not match its config.json (hidden_size, intermediate_size, heads...)"
     return line if what in line else f"{what}: {line}"
 
 
@@ -399,8 +411,10 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
             kwargs["device_map"] = device_map
         weights = weights_file(path, kwargs)
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                               **kwargs)
+            with warnings.catch_warnings():  # a refused pickle is reported in our one line
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                                   **kwargs)
         except _load_errors() as exc:
             raise DietpruneError(f"cannot load model weights: {describe_load_error(exc, str(weights))}") from exc
         if strict:

@@ -97,11 +97,18 @@ def check_output_dir(output, overwrite: bool, protect=()) -> Path:
     return out
 
 
-def check_output_file(output, what: str = "output") -> Path:
-    """The absolute path of an output file whose folder exists and is writable."""
+def check_output_file(output, what: str = "output", replaceable=None) -> Path:
+    """The absolute path of an output file whose folder exists and is writable.
+
+    `replaceable(path) -> bool`: an existing file is replaced only when it says yes (a file this
+    tool wrote before), so an output path that names a user's document is refused, not lost.
+    """
     out = _nonempty(output, what)
     if out.is_dir():
         raise DietpruneError(f"{what} {out} is a folder; give a file name")
+    if replaceable is not None and (out.exists() or out.is_symlink()) and not (out.is_file() and replaceable(out)):
+        raise DietpruneError(f"refusing to replace {out}: it is not a {what} file dietprune wrote "
+                             "(remove it or choose another name)")
     if not out.parent.is_dir():
         raise DietpruneError(f"cannot write {what}: folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
@@ -126,3 +133,43 @@ def publish_mode(path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def is_scores_file(path: Path) -> bool:
+    """A safetensors file whose header says it is a dietprune scores file."""
+    import json as _json
+
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100 * 2**20:
+                return False
+            header = _json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == "dietprune-profile"
+
+
+def is_results_file(path: Path) -> bool:
+    """A JSON object with a 'tasks' object (what `dietprune eval --output` writes)."""
+    import json as _json
+
+    try:
+        data = _json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("tasks"), dict)
+
+
+_IMAGE_MAGIC = {".png": (b"\x89PNG",), ".pdf": (b"%PDF",), ".svg": (b"<?xml", b"<svg"), ".jpg": (b"\xff\xd8",),
+                ".jpeg": (b"\xff\xd8",)}
+
+
+def is_image_file(path: Path) -> bool:
+    """An image of the type its suffix names (a plot written before)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _IMAGE_MAGIC.get(Path(path).suffix.lower(), ()))

@@ -77,7 +77,9 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     cfg = ProfileConfig(samples=samples, seed=seed, tap=tap or ProfileConfig.tap, **kwargs)
     validate.run_options(low_memory, offload, device_map)
     if output is not None:
-        check_output_file(output, "scores")
+        from .outputs import is_scores_file
+
+        check_output_file(output, "scores", replaceable=is_scores_file)
     examples = load_calibration(tasks, cfg, data_dir)
     folder = _streaming_folder(model, low_memory, device_map)
     if folder is not None:
@@ -429,7 +431,7 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
     output = Path(output)
     # a symlinked output: the folder it points at is replaced, and the link keeps pointing at it
     dest = output.resolve() if output.is_symlink() else output
-    tmp = None
+    tmp = old = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         umask = os.umask(0)
@@ -449,7 +451,6 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "dietprune_mask.safetensors"))
         for f in tmp.iterdir():
             publish_mode(f)  # safetensors writes 0600; every file of a checkpoint gets the same mode
-        old = None
         if dest.exists():
             if any(dest.iterdir()):
                 if not overwrite:
@@ -476,5 +477,7 @@ def save_checkpoint(model, tokenizer, output: Path, meta, tensors: dict, overwri
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        elif old is not None:  # interrupted right after the swap: the replaced folder goes too
+            shutil.rmtree(old, ignore_errors=True)
         raise
     return output

@@ -40,6 +40,10 @@ def _opt(default, help: str, choices=None, cli: bool = True):
 
 
 def check_sparsity(sparsity: float) -> None:
+    import numbers
+
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise DietpruneError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not (0.0 <= float(sparsity) < 1.0) or sparsity != sparsity:
         raise DietpruneError(f"sparsity must be in [0, 1), got {sparsity}")
 

@@ -56,12 +56,28 @@ def terminate_as_interrupt(signals=TERMINATING):
 
 @contextlib.contextmanager
 def deferred(signals=(signal.SIGINT,) + TERMINATING):
-    """Hold `signals` back until the block ends (then they are delivered as usual)."""
-    if not _main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold `signals` back until the block ends, then deliver them to the handlers in place before.
+
+    Python runs signal handlers in the main thread whichever thread the kernel picked, so the
+    handlers are swapped for ones that only take note (a thread signal mask would not do: any
+    other thread, e.g. a tokenizer's, could still take the signal).
+    """
+    if not _main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    pending: list[int] = []
+
+    def note(signum, frame):
+        if signum not in pending:
+            pending.append(signum)
+
+    previous = {}
     try:
+        for s in signals:
+            previous[s] = signal.signal(s, note)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, old in previous.items():
+            signal.signal(s, old)
+        for s in pending:
+            signal.raise_signal(s)

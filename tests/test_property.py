@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -131,7 +132,7 @@ def world(tmp_path_factory, data_dir):
         path.write_text("\n".join(lines) + "\n")
         tasks[name] = f"t={path}"
     (inputs / "binary.jsonl").write_bytes(b"\xff\xfe\x00\x01\x80 binary")
-    (inputs / "bad.csv").write_text('text\n"unterminated\n')
+    (inputs / "bad.csv").write_text('foo,bar\n1,2\n')
     (inputs / "table.tsv").write_text("text\nhello\n")
     tasks.update({"binary": f"t={inputs / 'binary.jsonl'}", "bad-csv": f"t={inputs / 'bad.csv'}",
                   "wrong-suffix": f"t={inputs / 'table.tsv'}", "missing-file": f"t={inputs / 'nope.jsonl'}",
@@ -320,14 +321,37 @@ def _valid_output(cmd, stdout: str) -> None:
     assert all(torch.isfinite(p).all() for p in lm.model.parameters())
 
 
+class _Logged(logging.Handler):
+    """What the libraries' loggers would print on stderr (their handlers hold the real stderr)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(f"[{record.name}] {record.getMessage()}")
+
+
+LIBRARY_LOGGERS = ("", "transformers", "datasets", "huggingface_hub", "accelerate", "dietprune")
+
+
 def _run(cmd):
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            code = main(cmd["argv"])
-        except SystemExit as exc:  # argparse refusing a flag
-            code = exc.code
-    return code, stdout.getvalue(), stderr.getvalue()
+    logged = _Logged()
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for lg in loggers:
+        lg.addHandler(logged)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(cmd["argv"])
+            except SystemExit as exc:  # argparse refusing a flag
+                code = exc.code
+    finally:
+        for lg in loggers:
+            lg.removeHandler(logged)
+    err = stderr.getvalue() + "".join(line + "\n" for line in logged.lines)
+    return code, stdout.getvalue(), err
 
 
 def test_any_input_gives_a_valid_output_or_one_line_and_nothing_written(world, monkeypatch):
@@ -369,9 +393,48 @@ def test_any_input_gives_a_valid_output_or_one_line_and_nothing_written(world, m
             assert len(lines) == 1, (cmd["argv"], stderr[-2000:])
             assert lines[0].startswith("dietprune") and "Traceback" not in stderr, (cmd["argv"], stderr)
             assert after == before, (cmd["argv"], "wrote on failure", set(after) ^ set(before))
-        del made
+        # clear the case away, so the next snapshot stays small
+        for name in {k.split("/")[0] for k in set(after) | made}:
+            target = world["work"] / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
 
     check()
     print(f"{EXAMPLES} cases in {time.perf_counter() - start:.1f}s: exit codes {stats}")
-    # the cases must exercise both outcomes, or the property says little
+    # as many cases as asked, and both outcomes, or the property says little
+    assert sum(stats.values()) >= EXAMPLES, stats
     assert stats.get(0, 0) >= EXAMPLES // 10 and stats.get(2, 0) >= EXAMPLES // 3, stats
+
+
+# ---- and each malformed input on its own: always refused ---------------------------------------
+GOOD_TASKS = ("good", "prompt", "benchmark")
+
+
+def test_every_malformed_input_alone_is_one_line(world, monkeypatch):
+    """The property allows exit 0; here each damaged input alone, with everything else valid, must
+    give exit 2, one line (so a damage that is silently accepted cannot hide in the property)."""
+    monkeypatch.chdir(world["work"])
+    monkeypatch.setenv("DIETPRUNE_SCRATCH_DIR", str(world["scratch"]))
+    good_model, good_task = world["models"]["good"], world["tasks"]["good"]
+    cases = [["prune", model, "--tasks", good_task, "--samples", "2"] for name, model in world["models"].items()
+             if name != "good"]
+    cases += [["prune", good_model, "--tasks", task, "--samples", "2"] for name, task in world["tasks"].items()
+              if name not in GOOD_TASKS]
+    cases += [["prune", good_model, "--tasks", "arc_easy", "--data-dir", d, "--samples", "2"]
+              for d in (world["bad_data"], str(world["inputs"] / "no-data"))]
+    cases += [["prune", good_model, "--tasks", good_task, "--scores", f] for name, f in world["scores"].items()
+              if name != "good"]
+    cases += [["compare", world["results"]["good"], f] for name, f in world["results"].items() if name != "good"]
+    messages = {}
+    for i, argv in enumerate(cases):
+        if argv[0] == "prune":
+            argv = argv + ["--output", str(world["work"] / f"alone{i}")]
+        code, _, stderr = _run({"argv": argv})
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("dietprune"), (argv, code, stderr[-2000:])
+        assert sorted(p.name for p in world["work"].iterdir()) == [], (argv, list(world["work"].iterdir()))
+        messages[" ".join(argv[:4])] = lines[0]
+    assert tree(world["inputs"]) == world["inputs_sum"]
+    print("\n".join(f"{k}\n    {v}" for k, v in messages.items()))

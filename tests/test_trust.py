@@ -257,6 +257,10 @@ def test_library_refuses_nan_ridge_and_wrong_types():
         dietprune.prune("x/y", tasks="boolq", ridg=0.1)
     with pytest.raises(DietpruneError, match="model must be"):
         dietprune.prune(42, tasks="boolq", tokenizer=object())
+    for bad in ({"scores": "scores.safetensors"}, {"scores": torch.zeros(0)}, {"scores": torch.ones(2, 2, 2)},
+                {"scores": torch.ones(2, 8), "sparsity": "0.5"}, {"scores": torch.ones(2, 8), "align": 0}):
+        with pytest.raises(DietpruneError):
+            dietprune.merge(**{"sparsity": 0.5, **bad})
 
 
 # ---- defect 5: tracebacks that are now one line ---------------------------------------------------
@@ -339,7 +343,7 @@ def _debris(*folders):
 
 
 @pytest.mark.parametrize("where,signum", [("save", signal.SIGTERM), ("offload", signal.SIGTERM),
-                                          ("save", signal.SIGHUP)])
+                                          ("save", signal.SIGHUP), ("offload", signal.SIGINT)])
 def test_termination_leaves_nothing_behind(tiny_dir, data_dir, tmp_path, where, signum):
     work, scratch = tmp_path / "work", tmp_path / "scratch"
     work.mkdir()
@@ -507,3 +511,46 @@ def test_scores_run_records_the_profile_it_used(capsys, tiny_dir, data_dir, scor
     assert code == 0, err
     cfg = json.loads((out / "dietprune.json").read_text())["config"]
     assert cfg["tap"] == "residual" and cfg["samples"] == 4, cfg
+
+
+# ---- found beyond the list ------------------------------------------------------------------------
+def test_a_users_file_is_never_replaced_by_a_scores_results_or_plot_file(capsys, tiny_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    import dietprune.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "evaluate_spec", lambda *a, **k: pytest.fail("evaluated before the check"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for argv in (["profile", tiny_dir, "--tasks", "arc_easy", "--samples", "2", "--data-dir", data_dir,
+                  "--output", notes],
+                 ["eval", tiny_dir, "--tasks", "arc_easy", "--limit", "2", "--data-dir", data_dir, "--output", notes]):
+        code, err, _ = run_cli(capsys, argv)
+        one_line(code, err, f"refusing to replace {notes}")
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"tasks": {"arc_easy": {"acc": 0.5}}}))
+    photo = tmp_path / "photo.png"
+    photo.write_text("not a png this tool wrote")
+    code, err, _ = run_cli(capsys, ["compare", res, "--plot", photo])
+    one_line(code, err, "refusing to replace")
+    assert notes.read_text() == "my notes" and photo.read_text() == "not a png this tool wrote"
+    # a file dietprune wrote is replaced as before
+    scores = tmp_path / "s.safetensors"
+    for _ in range(2):
+        assert run_cli(capsys, ["profile", tiny_dir, "--tasks", "arc_easy", "--samples", "2", "--data-dir",
+                                data_dir, "--output", scores])[0] == 0
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done():
+    from dietprune.signals import Terminated, deferred, terminate_as_interrupt
+
+    steps = []
+    with pytest.raises(Terminated):
+        with terminate_as_interrupt():
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                steps.append("swap finished")
+            time.sleep(1)  # the held-back signal is delivered here
+            steps.append("not reached")
+    assert steps == ["swap finished"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the old handler is back

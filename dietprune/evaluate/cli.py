@@ -30,9 +30,9 @@ def add_eval(sub):
             validate.integer("--limit", args.limit, 1)
         validate.integer("--batch-size", args.batch_size, 1)
         if args.output is not None:  # fail before the long run, not after
-            from ..outputs import check_output_file
+            from ..outputs import check_output_file, is_results_file
 
-            check_output_file(args.output, "results")
+            check_output_file(args.output, "results", replaceable=is_results_file)
         res = evaluate_spec(args.model, args.tasks, limit=args.limit, data_dir=args.data_dir,
                             batch_size=args.batch_size, log_samples=args.log_samples)
         if args.output is not None:

@@ -97,14 +97,14 @@ PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 def plot_path(path) -> Path:
     """The file the plot is written to: ``.png`` appended to a name without a suffix (as matplotlib
     does), so the path printed is the path written; checked writable before any work."""
-    from ..outputs import check_output_file
+    from ..outputs import check_output_file, is_image_file
 
     out = check_output_file(path, "plot")
     if not out.suffix:
-        out = check_output_file(out.with_name(out.name + ".png"), "plot")
+        out = out.with_name(out.name + ".png")
     elif out.suffix[1:].lower() not in PLOT_FORMATS:
         raise DietpruneError(f"plot {out}: unknown image type '{out.suffix}'; use {', '.join(PLOT_FORMATS)}")
-    return out
+    return check_output_file(out, "plot", replaceable=is_image_file)
 
 
 def plot_comparison(cmp: dict, path: str | os.PathLike) -> Path:
