@@ -163,6 +163,7 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
     import torch
 
     from dietprune.evaluate import evaluate, perplexity
+    from dietprune.evaluate.paired import compact_records
     from dietprune.merge import merge
     from dietprune.methods import width_align
     from dietprune.pipeline import prune
@@ -200,11 +201,14 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
                                "votes": [int(v) for v in votes.tolist()]}
     t1 = time.perf_counter()
     with torch.no_grad():
-        ev = evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False)
+        ev = evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False,
+                      log_samples=True)
         t2 = time.perf_counter()
         ppl = perplexity(model, lm.tokenizer, data_dir, max_tokens=settings["ppl_tokens"] or None)
     t3 = time.perf_counter()
     cell["tasks"] = task_summary(ev["tasks"])
+    # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
+    cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
     cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
     cell["ppl"] = _finite(float(ppl))
     cell["seconds"] = {"prune": round(t1 - t0, 1), "eval": round(t2 - t1, 1), "ppl": round(t3 - t2, 1),

@@ -15,8 +15,11 @@ def add_eval(sub):
     p.add_argument("--data-dir", default=None, help="local task data (else $DIETPRUNE_DATA_DIR, else the hub)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
-    p.add_argument("--log-samples", action="store_true",
-                   help="also store per-example log-likelihoods and predictions in the JSON")
+    p.add_argument("--log-samples", dest="log_samples", action="store_true", default=True,
+                   help="store per-example log-likelihoods and predictions in the JSON (the default; "
+                        "`dietprune compare` needs them for paired statistics)")
+    p.add_argument("--no-log-samples", dest="log_samples", action="store_false",
+                   help="store the aggregate metrics only")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     def run(args) -> int:
@@ -49,19 +52,34 @@ def add_eval(sub):
 
 
 def add_compare(sub):
-    p = sub.add_parser("compare", help="table (and bar plot) of several `dietprune eval` results files")
-    p.add_argument("results", nargs="+", help="results JSON files; deltas are against the first")
+    p = sub.add_parser("compare", help="table (and bar plot) of several `dietprune eval` results files, with "
+                                       "paired statistics against the first")
+    p.add_argument("results", nargs="+", help="results JSON files; deltas are against the first (the reference)")
+    p.add_argument("--json", action="store_true", help="print the comparison (aggregate and paired) as JSON")
+    p.add_argument("--boot", type=int, default=2000, help="paired bootstrap replicates (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--plot", default=None, help="write a bar plot PNG here")
     p.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"],
                    help="acc_norm (default: where a task reports it, else acc) or acc everywhere")
 
     def run(args) -> int:
-        from .compare import build_comparison, format_comparison, plot_comparison
+        import json
+
+        from .compare import build_comparison, build_paired, format_comparison, format_paired, plot_comparison
 
         cmp = build_comparison(args.results, metric=args.metric)
-        print(format_comparison(cmp))
+        paired = build_paired(args.results, metric=args.metric, n_boot=args.boot, seed=args.seed) \
+            if len(args.results) > 1 else None
+        if args.json:
+            print(json.dumps({"aggregate": cmp, "paired": paired}, indent=2))
+        else:
+            print(format_comparison(cmp))
+            if paired:
+                print("\n" + format_paired(paired))
         if args.plot:
-            print(f"plot -> {plot_comparison(cmp, args.plot)}")
+            import sys
+
+            print(f"plot -> {plot_comparison(cmp, args.plot)}", file=sys.stderr if args.json else sys.stdout)
         return 0
 
     return run
