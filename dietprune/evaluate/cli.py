@@ -9,7 +9,9 @@ def add_eval(sub):
     p = sub.add_parser("eval", help="zero-shot accuracy and perplexity, as lm-evaluation-harness defines them")
     p.add_argument("model", help="preset, .gguf file, local folder (e.g. a pruned output) or hub id")
     p.add_argument("--tasks", default=EVAL_TASKS,
-                   help=f"comma-separated tasks, e.g. {EVAL_TASKS},piqa,wikitext2 (default: the seven DIET tasks)")
+                   help=f"comma-separated tasks, e.g. {EVAL_TASKS},piqa,wikitext2 (default: the seven DIET tasks); "
+                        "other names (or harness:NAME) run as lm-evaluation-harness tasks through dietprune's scorer")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-evaluation-harness task YAMLs")
     p.add_argument("--limit", type=int, default=None,
                    help="first N examples per task (wikitext2: N articles and N*2048 tokens)")
     p.add_argument("--data-dir", default=None, help="local task data (else $DIETPRUNE_DATA_DIR, else the hub)")
@@ -36,7 +38,8 @@ def add_eval(sub):
             if not parent.is_dir():
                 raise DietpruneError(f"cannot write results: folder {parent} does not exist")
         res = evaluate_spec(args.model, args.tasks, limit=args.limit, data_dir=args.data_dir,
-                            batch_size=args.batch_size, log_samples=args.log_samples)
+                            batch_size=args.batch_size, log_samples=args.log_samples,
+                            include_path=args.include_path)
         if args.output:
             save_results(res, args.output)
         if args.json:
