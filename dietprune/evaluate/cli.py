@@ -40,6 +40,10 @@ def add_eval(sub):
         res = evaluate_spec(args.model, args.tasks, limit=args.limit, data_dir=args.data_dir,
                             batch_size=args.batch_size, log_samples=args.log_samples,
                             include_path=args.include_path)
+        import shlex
+        import sys
+
+        res["meta"]["command"] = shlex.join(["dietprune", *sys.argv[1:]])
         if args.output:
             save_results(res, args.output)
         if args.json:
