@@ -31,7 +31,7 @@ Statistics are kept as sums and counts (:class:`PairedCounts`), so shards merge 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -182,12 +182,6 @@ def _bootstrap(ref: torch.Tensor, new: torch.Tensor, n_boot: int, gen: torch.Gen
 def _interval(x: torch.Tensor) -> list[float]:
     q = torch.quantile(x.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
     return [float(q[0]), float(q[1])]
-
-
-@dataclass
-class _Side:
-    ref: list = field(default_factory=list)
-    new: list = field(default_factory=list)
 
 
 def paired_tasks(ref: dict, new: dict, n_boot: int = DEFAULT_BOOT, seed: int = DEFAULT_SEED,
