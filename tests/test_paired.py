@@ -161,5 +161,5 @@ def test_compare_cli_paired_table_and_json(tmp_path):
     res = build_paired([a, tmp_path / "old.json"])
     assert res["comparisons"][0]["paired"] is None
     text = format_paired(res)
-    assert "need per-example records" in text and "--log-samples" in text
+    assert "need per-example records" in text and "stores them by default" in text
     assert res["comparisons"][0]["skill"]["average"] == pytest.approx((0.575 - 0.5) / (0.7 - 0.5))

@@ -138,7 +138,8 @@ def plot_comparison(cmp: dict, path: str | os.PathLike) -> Path:
 # ---- paired statistics against the first file ------------------------------------------------------
 
 NEEDS_RECORDS = ("paired statistics need per-example records; {what} has none. `dietprune eval` stores them "
-                 "by default (older files: rerun with --log-samples)")
+                 "by default (rerun it on older files, without --no-log-samples; structured-study cells: "
+                 "python bench/paired_records.py)")
 
 
 def build_paired(paths: list, metric: str = "acc_norm", n_boot: int = 2000, seed: int = 0) -> dict:
