@@ -175,8 +175,13 @@ def summarize(c: PairedCounts, chance: float | None = None) -> dict:
 def _bootstrap(ref: torch.Tensor, new: torch.Tensor, n_boot: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per replicate: mean correctness of ref and of new on the same resampled examples."""
     n = ref.numel()
-    idx = torch.randint(n, (n_boot, n), generator=gen)
-    return ref[idx].mean(1), new[idx].mean(1)
+    step = max(1, 2**22 // n)  # at most ~4M indices (32 MiB) at a time
+    rs, ns = [], []
+    for start in range(0, n_boot, step):
+        idx = torch.randint(n, (min(step, n_boot - start), n), generator=gen)
+        rs.append(ref[idx].mean(1))
+        ns.append(new[idx].mean(1))
+    return torch.cat(rs), torch.cat(ns)
 
 
 def _interval(x: torch.Tensor) -> list[float]:
