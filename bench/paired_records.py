@@ -72,7 +72,10 @@ def main(argv=None) -> int:
             new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles)
             old_scores = {t: v["score"] for t, v in old["tasks"].items()}
             new_scores = {t: v["score"] for t, v in new["tasks"].items()}
-            if old_scores == new_scores:
+            if old.get("config") != new.get("config"):  # package defaults moved since the cell ran
+                print(f"{key}: the rerun's prune config differs from the cached cell's "
+                      f"({old.get('config')} vs {new.get('config')})", flush=True)
+            if old_scores == new_scores and old.get("config") == new.get("config"):
                 cell = dict(old, records=new["records"],
                             records_check={"status": "reproduced", "rerun": new["finished"]})
             else:
