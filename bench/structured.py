@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dietprune.errors import UnreachableSparsity  # noqa: E402
+from dietprune.evaluate.paired import CHANCE, aggregate_skill, columns, paired_tasks  # noqa: E402
 from dietprune.evaluate.results import headline  # noqa: E402
 from dietprune.merge import jaccard  # noqa: E402
 from dietprune.profile import DEFAULT_TAP, TAPS  # noqa: E402
@@ -164,6 +165,7 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
     import torch
 
     from dietprune.evaluate import evaluate, perplexity
+    from dietprune.evaluate.paired import compact_records
     from dietprune.merge import merge
     from dietprune.methods import width_align
     from dietprune.pipeline import prune
@@ -201,11 +203,14 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
                                "votes": [int(v) for v in votes.tolist()]}
     t1 = time.perf_counter()
     with torch.no_grad():
-        ev = evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False)
+        ev = evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False,
+                      log_samples=True)
         t2 = time.perf_counter()
         ppl = perplexity(model, lm.tokenizer, data_dir, max_tokens=settings["ppl_tokens"] or None)
     t3 = time.perf_counter()
     cell["tasks"] = task_summary(ev["tasks"])
+    # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
+    cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
     cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
     cell["ppl"] = _finite(float(ppl))
     cell["seconds"] = {"prune": round(t1 - t0, 1), "eval": round(t2 - t1, 1), "ppl": round(t3 - t2, 1),
@@ -464,6 +469,89 @@ def _diet_defaults(cells: dict) -> str:
     return "; ".join(f"repair `{r}`, tap `{t}`, {m} merge" for r, t, m in seen)
 
 
+def _skill_cell(cell: dict, dense: dict | None) -> str:
+    if dense is None:
+        return "–"
+    agg = aggregate_skill({t: v["score"] for t, v in cell["tasks"].items()},
+                          {t: v["score"] for t, v in dense["tasks"].items()})
+    return "–" if agg["average"] is None else f"{100 * agg['average']:.0f}%"
+
+
+def _cell_columns(cell: dict) -> dict:
+    """task -> paired.columns of a cell's records, scored with the cell's headline metric."""
+    return {t: columns(r, cell["tasks"][t]["metric"]) for t, r in (cell.get("records") or {}).items()
+            if t in cell["tasks"]}
+
+
+def paired_rows(cells: dict, model: str, sp: float, methods, ref_label: str) -> dict:
+    """label -> paired_tasks(reference cell, cell) at one sparsity, for cells with records."""
+    ref = cells.get(cell_key(model, ref_label, 0.0 if ref_label == "dense" else sp, 0))
+    if ref is None or not ref.get("records"):
+        return {}
+    rc = _cell_columns(ref)
+    out = {}
+    for lab in methods:
+        c = cells.get(cell_key(model, lab, sp, 0))
+        if c is None or lab == ref_label or not c.get("records"):
+            continue
+        out[lab] = paired_tasks(rc, _cell_columns(c))
+    return out
+
+
+def _ci(st: dict) -> str:
+    return f"{100 * st['diff']:+.1f} ± {100 * st['se']:.1f} [{100 * st['ci'][0]:+.1f}, {100 * st['ci'][1]:+.1f}]"
+
+
+def _pval(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def paired_section(cells: dict, model: str, sp: float, methods, tasks) -> list[str]:
+    """Markdown: each method's paired difference from dense and from diet on the same examples."""
+    L = [f"#### Paired differences at {sp:.0%} (same examples, seed 0)", ""]
+    vs_dense = paired_rows(cells, model, sp, methods, "dense")
+    vs_diet = paired_rows(cells, model, sp, methods, "diet")
+    have = [lab for lab in methods if (c := cells.get(cell_key(model, lab, sp, 0))) and c.get("records")]
+    lacking = [lab for lab in ["dense"] + list(methods)
+               if (c := cells.get(cell_key(model, lab, 0.0 if lab == "dense" else sp, 0))) and not c.get("records")]
+    if not vs_dense and not vs_diet:
+        L += ["Not available: " + ("the cells hold aggregate scores only (no per-example records); "
+                                   "`python bench/paired_records.py` reruns them with records."
+                                   if lacking else "no cells yet."), ""]
+        return L
+    L.append("| method | Δ avg vs dense ± SE [95% CI] | McNemar p | agree | Δ gold ll | skill ret. [95% CI] "
+             "| Δ avg vs diet ± SE [95% CI] | McNemar p |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for lab in have:
+        a = vs_dense.get(lab, {}).get("average")
+        b = vs_diet.get(lab, {}).get("average")
+        cells_a = ["–"] * 5 if not a else [
+            _ci(a), _pval(a["mcnemar"]["p"]), f"{100 * a['agreement']:.0f}%",
+            "–" if a["dll"] is None else f"{a['dll']:+.3f} ± {a['dll_se']:.3f}",
+            "–" if a["skill"] is None else f"{100 * a['skill']:.0f}%" + (
+                f" [{100 * a['skill_ci'][0]:.0f}, {100 * a['skill_ci'][1]:.0f}]" if a.get("skill_ci") else "")]
+        cells_b = ["–", "–"] if not b else [_ci(b), _pval(b["mcnemar"]["p"])]
+        L.append(f"| {lab} | " + " | ".join(cells_a + cells_b) + " |")
+    L += ["", "Δ avg: mean over the tasks of (method − reference) accuracy on the same examples, in points, ± its SE "
+          "(per-task paired SEs combined), [paired bootstrap 95% interval, 2000 replicates, seed 0, each task "
+          "resampled]; McNemar: exact test on the discordant examples pooled over tasks; agree: mean fraction of "
+          "examples with the reference's prediction; Δ gold ll: mean change of the gold answer's log-likelihood "
+          "(nats, per example, mean over tasks)."]
+    if lacking:
+        L.append("No per-example records (aggregates only; `python bench/paired_records.py` adds them): "
+                 + ", ".join(lacking) + ".")
+    big = []
+    for lab, pr in vs_dense.items():
+        for t, st in pr["tasks"].items():
+            if abs(st["diff"]) > 2 * (st["se"] or 0) and st["diff"] > 0:
+                big.append(f"{lab} {t} {100 * st['diff']:+.1f} ± {100 * st['se']:.1f}")
+    if big:
+        L.append("Per-task gains over dense beyond 2 SE (label drift rather than skill where the skill "
+                 "retained stays low): " + "; ".join(big) + ".")
+    L.append("")
+    return L
+
+
 def render(state: dict) -> str:
     cfg, cells, der = state["setup"], state["cells"], state["derived"]
     unreachable = state.get("infeasible", {})
@@ -504,16 +592,16 @@ def render(state: dict) -> str:
         L += [f"## {m}", ""]
         top = dm.get("strongest_baselines")
         L += [f"### All methods at {sp0:.0%}", ""]
-        L.append("| method | hidden | params − | " + " | ".join(tasks) + " | avg | avg over seeds | ppl |")
-        L.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|")
+        L.append("| method | hidden | params − | " + " | ".join(tasks) + " | avg | skill ret. | avg over seeds | ppl |")
+        L.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
         rows = [("dense", 0.0)] + [(lab, sp0) for lab in cfg["methods"]]
         for lab, sp in rows:
             c = cells.get(cell_key(m, lab, sp, 0))
             if cell_key(m, lab, sp, 0) in unreachable:
-                L.append(f"| {lab} | " + " | ".join(["n/a"] * (len(tasks) + 5)) + " |")
+                L.append(f"| {lab} | " + " | ".join(["n/a"] * (len(tasks) + 6)) + " |")
                 continue
             if c is None:
-                L.append(f"| {lab} | " + " | ".join(["–"] * (len(tasks) + 5)) + " |")
+                L.append(f"| {lab} | " + " | ".join(["–"] * (len(tasks) + 6)) + " |")
                 continue
             st = dm.get("seed_stats", {}).get(lab)
             seedtxt = "–" if not st or st["n"] < 2 else f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f} (n={st['n']})"
@@ -521,8 +609,12 @@ def render(state: dict) -> str:
             flag = " ⚑" if flagged(c, tol) else ""
             L.append(f"| {lab} | {s['hidden_size_after']} | {_pct(s['param_reduction'])}%{flag} | "
                      + " | ".join(_pct(c["tasks"][t]["score"]) if t in c["tasks"] else "–" for t in tasks)
-                     + f" | **{_pct(c['avg'])}** | {seedtxt} | {_ppl(c['ppl'])} |")
+                     + f" | **{_pct(c['avg'])}** | {_skill_cell(c, dense)} | {seedtxt} | {_ppl(c['ppl'])} |")
         L.append("")
+        L += [f"**skill ret.** = skill retained, (avg − chance) / (dense avg − chance) over the {len(tasks)} tasks, "
+              "chance per task " + ", ".join(f"{t} {_pct(CHANCE.get(t))}" for t in tasks) + "; from the "
+              "aggregate scores.", ""]
+        L += paired_section(cells, m, sp0, cfg["methods"], tasks)
         gap = dm.get("gap")
         if gap:
             line = (f"**DIET − best baseline ({gap['best_baseline']}) at {sp0:.0%}**: "

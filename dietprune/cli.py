@@ -23,6 +23,7 @@ COMMANDS = {
     "ls": "dietprune.cli:add_ls",
     "eval": "dietprune.evaluate.cli:add_eval",
     "compare": "dietprune.evaluate.cli:add_compare",
+    "report": "dietprune.evaluate.report:add_report",
     "sparsify": "dietprune.sparsify.cli:add_sparsify",
 }
 

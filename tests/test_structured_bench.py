@@ -239,3 +239,26 @@ def test_shared_profile_equals_profiling_inside_prune(sb, label, variant, data_d
     # self-calibrated methods and the re-fit repair still calibrate inside prune()
     assert sb.task_profile(cache, lm, spec, "wanda-sp", opts, settings, data_dir) is None
     assert sb.task_profile(cache, lm, spec, "diet", {**opts, "repair": "rms+refit"}, settings, data_dir) is None
+
+
+def test_render_paired_and_skill_columns(sb, tmp_path):
+    """Cells with per-example records get paired rows against dense and diet; skill retained from aggregates."""
+    cfg = config(sb, tmp_path)
+    m = "smollm2-135m"
+    cdir = tmp_path / "cells"
+    right = {"dense": [1] * 8 + [0] * 2, "diet": [1] * 7 + [0] * 3, "random": [1] * 5 + [0] * 5}
+    for lab, corr in right.items():
+        sp = 0.0 if lab == "dense" else 0.2
+        c = fake_cell(sb, m, lab, sp, avg=sum(corr) / 10, kept=None if lab == "dense" else list(range(9)))
+        c["records"] = {t: {"gold": [0] * 10, "pred": [0 if x else 1 for x in corr],
+                            "gold_loglik": [-1.0] * 10, "n_choices": [2 if t == "boolq" else 4] * 10} for t in TASKS}
+        sb.write_json_atomic(sb.cell_file(cdir, sb.cell_key(m, lab, sp, 0)), c)
+    sb.write_json_atomic(sb.cell_file(cdir, sb.cell_key(m, "magnitude", 0.2, 0)),
+                         fake_cell(sb, m, "magnitude", 0.2, avg=0.6, kept=list(range(9))))
+    doc = sb.render(sb.build_state(cfg, cdir, cfg["settings"]))
+    # boolq chance 50, arc_easy 25: diet avg 70 vs dense 80, chance 37.5 -> (70 - 37.5) / (80 - 37.5)
+    row = next(line for line in doc.splitlines() if line.startswith("| diet | 9 |"))
+    assert f"| {100 * (0.7 - 0.375) / (0.8 - 0.375):.0f}% |" in row
+    paired = next(line for line in doc.splitlines() if line.startswith("| random | -30.0 ±"))
+    assert "| -20.0 ±" in paired  # random vs diet
+    assert "No per-example records (aggregates only" in doc and "magnitude" in doc

@@ -147,3 +147,97 @@ def plot_comparison(cmp: dict, path: str | os.PathLike) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+# ---- paired statistics against the first file ------------------------------------------------------
+
+NEEDS_RECORDS = ("paired statistics need per-example records; {what} has none. `dietprune eval` stores them "
+                 "by default (rerun it on older files, without --no-log-samples; structured-study cells: "
+                 "python bench/paired_records.py)")
+
+
+def build_paired(paths: list, metric: str = "acc_norm", n_boot: int = 2000, seed: int = 0) -> dict:
+    """Each file after the first against the first (the reference), on the same examples.
+
+    ``{"reference": label, "skill": [...], "comparisons": [{label, paired or None, note}]}``;
+    ``skill`` (skill retained from the aggregate accuracies) is there even without records.
+    """
+    from .paired import aggregate_skill, paired_tasks, results_columns
+
+    if len(paths) < 2:
+        raise DietpruneError("give a reference results file and at least one to compare with it")
+    files = [(p, load_results(p)) for p in paths]
+    ref_path, ref = files[0]
+    ref_cols = results_columns(ref, metric)
+    ref_scores = {t: _value(m, metric)[1] for t, m in ref["tasks"].items()}
+    out = {"reference": _label(ref_path, ref), "metric": metric, "comparisons": []}
+    for p, data in files[1:]:
+        scores = {t: _value(m, metric)[1] for t, m in data["tasks"].items()}
+        item = {"label": _label(p, data), "skill": aggregate_skill(scores, ref_scores), "paired": None, "note": None}
+        cols = results_columns(data, metric)
+        if not ref_cols:
+            item["note"] = NEEDS_RECORDS.format(what=f"the reference {ref_path}")
+        elif not cols:
+            item["note"] = NEEDS_RECORDS.format(what=str(p))
+        else:
+            item["paired"] = paired_tasks(ref_cols, cols, n_boot=n_boot, seed=seed)
+            missing = sorted(set(ref_cols) ^ set(cols))
+            if missing:
+                item["note"] = f"tasks with records in only one file, left out: {', '.join(missing)}"
+        out["comparisons"].append(item)
+    return out
+
+
+def _pts(x, signed=True, digits=1):
+    return "-" if x is None else (f"{100 * x:+.{digits}f}" if signed else f"{100 * x:.{digits}f}")
+
+
+def _p(p):
+    return "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def format_paired(res: dict) -> str:
+    """One table per compared file: task rows, then the average."""
+    blocks = []
+    for item in res["comparisons"]:
+        lines = [f"paired: {item['label']} vs {res['reference']} (reference)"]
+        pr = item["paired"]
+        if pr is None:
+            sk = item["skill"]["average"]
+            lines.append(f"  skill retained (from the aggregate accuracies, {item['skill']['n_tasks']} tasks): "
+                         + ("-" if sk is None else f"{100 * sk:.1f}%"))
+            lines.append(f"  {item['note']}")
+            blocks.append("\n".join(lines))
+            continue
+        head = ["task", "metric", "n", "ref", "new", "diff ± SE", "95% CI", "McNemar b/c", "p", "agree",
+                "Δ gold ll ± SE", "skill"]
+        rows = []
+        for name, st in list(pr["tasks"].items()) + ([("average", pr["average"])] if pr["average"] else []):
+            dll = "-" if st["dll"] is None else (f"{st['dll']:+.3f}" + ("" if st["dll_se"] is None
+                                                                        else f" ± {st['dll_se']:.3f}"))
+            rows.append([name + ("†" if st.get("truncated") else ""), st.get("metric", ""), str(st["n"]),
+                         _pts(st["ref_acc"], False), _pts(st["acc"], False),
+                         f"{_pts(st['diff'])} ± {_pts(st['se'], False)}",
+                         f"[{_pts(st['ci'][0])}, {_pts(st['ci'][1])}]",
+                         f"{st['mcnemar']['b']}/{st['mcnemar']['c']}", _p(st["mcnemar"]["p"]),
+                         _pts(st["agreement"], False) + "%", dll,
+                         "-" if st["skill"] is None else f"{100 * st['skill']:.0f}%"])
+        widths = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        avg = pr["average"]
+        if avg and avg.get("skill_ci"):
+            lines.append(f"skill retained {100 * avg['skill']:.1f}% "
+                         f"(95% CI {100 * avg['skill_ci'][0]:.1f}..{100 * avg['skill_ci'][1]:.1f}), "
+                         f"chance {100 * avg['chance']:.1f}% on average")
+        lines.append(f"accuracy in %; diff = new - ref on the same examples; CI: paired bootstrap, "
+                     f"{pr['n_boot']} replicates, seed {pr['seed']}; McNemar b = only ref right, c = only new "
+                     "right (exact two-sided p); agree = same prediction; Δ gold ll = mean change of the gold "
+                     "answer's log-likelihood (nats); skill = (acc - chance) / (ref - chance); average row: mean "
+                     "over tasks, McNemar on pooled counts")
+        if any(st.get("truncated") for st in pr["tasks"].values()):
+            lines.append("† the files hold different numbers of examples: the first n of each are compared")
+        if item["note"]:
+            lines.append(item["note"])
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

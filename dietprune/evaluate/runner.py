@@ -256,16 +256,60 @@ def _versions() -> dict:
     return out
 
 
+HARNESS_PREFIX = "harness:"
+
+
+def split_tasks(tasks) -> tuple[list, list[str]]:
+    """(dietprune task specs, lm-evaluation-harness task names) of a task list.
+
+    A name dietprune knows (its registry, or ``name=path``) is dietprune's, read from the local
+    data; ``harness:NAME`` or any other name goes to the harness (through
+    :class:`dietprune.evaluate.lm_eval_backend.DietpruneLM`).
+    """
+    from ..tasks import Task, list_tasks
+
+    if isinstance(tasks, str):
+        tasks = [s.strip() for s in tasks.split(",") if s.strip()]
+    ours, theirs, known = [], [], set(list_tasks())
+    for t in tasks:
+        if isinstance(t, Task) or "=" in t or t in known:
+            ours.append(t)
+        elif t.startswith(HARNESS_PREFIX) and t[len(HARNESS_PREFIX):]:
+            theirs.append(t[len(HARNESS_PREFIX):])
+        else:
+            theirs.append(t)
+    if not ours and not theirs:
+        raise DietpruneError("no tasks given")
+    return ours, theirs
+
+
+def check_harness_tasks(names: list[str], include_path=None) -> None:
+    """DietpruneError unless lm-eval is installed and knows every name."""
+    if not names:
+        return
+    try:
+        from .lm_eval_backend import task_manager
+    except DietpruneError as exc:
+        raise DietpruneError(f"unknown task(s) {', '.join(map(repr, names))} (harness tasks need lm-eval: {exc})") \
+            from None
+    task_manager(names, include_path)
+
+
 def evaluate(model, tokenizer, tasks, limit: int | None = None, data_dir=None, batch_size: int = 16,
-             progress: bool = True, log_samples: bool = False, window: int | None = None) -> dict:
+             progress: bool = True, log_samples: bool = False, window: int | None = None,
+             include_path=None) -> dict:
     """Zero-shot metrics of an in-memory model; see the module docstring for definitions.
 
-    Returns ``{"tasks": {name: metrics}, "meta": {...}}`` (plus ``"samples"`` with per-example
-    log-likelihoods and predictions when ``log_samples``).
+    Names dietprune does not know (or ``harness:NAME``) run as lm-evaluation-harness tasks
+    through dietprune's scorer (:func:`split_tasks`); ``include_path``: a folder of extra harness
+    task YAMLs. Returns ``{"tasks": {name: metrics}, "meta": {...}}`` (plus ``"samples"`` with
+    per-example log-likelihoods and predictions when ``log_samples``).
     """
     from ..models import model_fingerprint
 
-    task_list = parse_tasks(tasks)
+    ours, harness_names = split_tasks(tasks)
+    check_harness_tasks(harness_names, include_path)
+    task_list = parse_tasks(ours) if ours else []
     if limit is not None and limit < 1:
         raise DietpruneError(f"limit must be a positive number of examples, got {limit}")
     if batch_size < 1:
@@ -282,6 +326,7 @@ def evaluate(model, tokenizer, tasks, limit: int | None = None, data_dir=None, b
     results: dict = {"tasks": {}, "meta": {}}
     samples: dict = {}
     seconds: dict = {}
+    harness_versions: dict = {}
     try:
         for t in task_list:
             t0 = time.perf_counter()
@@ -293,6 +338,17 @@ def evaluate(model, tokenizer, tasks, limit: int | None = None, data_dir=None, b
             seconds[t.name] = round(time.perf_counter() - t0, 2)
             results["tasks"][t.name] = res.metrics
             samples[t.name] = res.records
+        if harness_names:
+            from .lm_eval_backend import run_harness_tasks
+
+            t0 = time.perf_counter()
+            h_metrics, h_records, h_versions = run_harness_tasks(model, tokenizer, harness_names, limit, batch_size,
+                                                                 include_path)
+            for name, m in h_metrics.items():
+                results["tasks"][name] = m
+                samples[name] = h_records.get(name, [])
+                harness_versions[name] = h_versions[name]
+                seconds[name] = round((time.perf_counter() - t0) / max(1, len(h_metrics)), 2)
     finally:
         model.train(was_training)
     results["meta"] = {
@@ -306,7 +362,7 @@ def evaluate(model, tokenizer, tasks, limit: int | None = None, data_dir=None, b
         "batch_size": batch_size,
         "bos": wants_bos(model),
         "data": str(root) if root is not None else "huggingface hub",
-        "task_versions": {t.name: t.version for t in task_list},
+        "task_versions": {**{t.name: t.version for t in task_list}, **harness_versions},
         "metric_definitions": "lm-evaluation-harness 0.4.x (acc, acc_norm = loglik / len(choice chars))",
         "seconds": seconds,
         "versions": _versions(),
@@ -323,7 +379,10 @@ def evaluate_spec(spec: str, tasks, limit: int | None = None, data_dir=None, bat
     """Load a model (preset, .gguf, folder, hub id) and evaluate it; fails on bad tasks before loading."""
     from ..models import load
 
-    parse_tasks(tasks)
+    ours, theirs = split_tasks(tasks)
+    if ours:
+        parse_tasks(ours)
+    check_harness_tasks(theirs, kwargs.get("include_path"))
     resolve_data_dir(data_dir)
     lm = load(spec)
     res = evaluate(lm.model, lm.tokenizer, tasks, limit=limit, data_dir=data_dir, batch_size=batch_size,
