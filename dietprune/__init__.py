@@ -6,6 +6,7 @@ Public API (imported lazily so ``import dietprune`` stays cheap)::
     dietprune.prune(model, tasks, sparsity=0.2, output=)  -> PruneResult
     dietprune.merge(scores, sparsity, method="vote")      -> MergeResult
     dietprune.load(spec)                                  -> LoadedModel
+    dietprune.heal(student, teacher, output=, tokens=)    -> HealResult
 """
 
 __version__ = "0.1.0"
@@ -20,6 +21,9 @@ _LAZY = {
     "Profile": ("stats", "Profile"),
     "prune_hidden_": ("surgery", "prune_hidden_"),
     "DietpruneError": ("errors", "DietpruneError"),
+    "heal": ("heal", "heal"),
+    "HealConfig": ("heal", "HealConfig"),
+    "HealResult": ("heal", "HealResult"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
