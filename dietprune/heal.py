@@ -715,6 +715,7 @@ def add_heal_args(p, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}mode", default=None, choices=MODES,
                    help="what trains: full, lora (merged back) or norms (default full)")
     p.add_argument(f"--{prefix}lora", type=int, default=None, metavar="RANK", help="LoRA of this rank (mode lora)")
+    p.add_argument(f"--{prefix}full", action="store_true", help="full fine-tuning (mode full, the default)")
     p.add_argument(f"--{prefix}general", default="wikitext2",
                    help="general text besides the tasks' calibration rows: wikitext2 or 'none' (default wikitext2)")
     p.add_argument(f"--{prefix}files", default=None, help="comma-separated training files (.jsonl/.csv/.txt)")
@@ -730,8 +731,8 @@ def add_heal_args(p, prefix: str = "") -> None:
 def heal_options(args, prefix: str = "") -> dict:
     g = lambda k: getattr(args, prefix + k)  # noqa: E731
     mode = g("mode") or ("lora" if g("lora") else "full")
-    if g("lora") and mode != "lora":
-        raise DietpruneError("--lora RANK goes with mode lora")
+    if (g("lora") and mode != "lora") or (g("full") and (mode != "full" or g("lora"))):
+        raise DietpruneError("choose one of --full, --lora RANK and --mode")
     opts = dict(mode=mode, lr=g("lr"), temperature=g("temperature"), seq_len=g("seq_len"),
                 batch_size=g("batch_size"), minutes=g("minutes"), checkpoint_every=g("checkpoint_every"),
                 general=() if g("general") in (None, "", "none") else tuple(x for x in g("general").split(",") if x),

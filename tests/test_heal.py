@@ -288,3 +288,22 @@ def test_two_gloo_processes_equal_one(train_file, tmp_path):
     assert any(not torch.equal(one[k], start[k]) for k in one)
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+
+
+def test_prune_with_heal_tokens_prunes_then_heals(tmp_path, data_dir, capsys):
+    from dietprune.cli import main
+
+    model = save_tiny(tmp_path / "tiny", "gemma3_text")
+    out = tmp_path / "out"
+    code = main(["prune", str(model), "--tasks", "boolq,rte", "--samples", "4", "--sparsity", "0.25", "--data-dir",
+                 data_dir, "--output", str(out), "--heal-tokens", "256", "--heal-seq-len", "32",
+                 "--heal-general", "none"])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "hidden size    64 -> 48" in text and "healed (full) 256 tokens" in text
+    meta = json.loads((out / "dietprune.json").read_text())
+    assert len(meta["kept_indices"]) == 48 and meta["heal"]["data"]["sources"] == ["boolq", "rte"]
+    assert meta["heal"]["teacher"] == str(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]  # no scratch or state left
+    healed = dietprune.load(str(out)).model
+    assert healed.config.hidden_size == 48
