@@ -31,6 +31,7 @@ gold labels are read, so the student can only move towards the teacher.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -75,6 +76,7 @@ class HealConfig:
     minutes: float | None = None  # wall-clock budget of this call
     checkpoint_every: int = 100  # steps between saved states (0: only at the end / on Ctrl-C)
     chunk_elements: int = 1 << 22  # logits per head chunk (4M floats = 16 MiB)
+    bf16: bool | None = None  # bfloat16 autocast of the decoder bodies (heads and KL stay float32); None: on GPU
 
     def __post_init__(self):
         self.tasks, self.general, self.files = tuple(self.tasks), tuple(self.general), tuple(self.files)
@@ -572,7 +574,8 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
     rows = _rows_per_chunk(head_s, cfg.chunk_elements)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     scale = cfg.temperature ** 2 / tokens_per_step
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else dev.type == "cuda"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else _null()
     seconds_load = time.perf_counter() - t_load
 
     def state_payload():
@@ -726,6 +729,9 @@ def add_heal_args(p, prefix: str = "") -> None:
                    help="sequences per step, over all processes")
     p.add_argument(f"--{prefix}minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument(f"--{prefix}checkpoint-every", type=int, default=HealConfig.checkpoint_every)
+    p.add_argument(f"--{prefix}bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast of the decoder bodies (default: on GPU only; ~1.6x faster on CPUs "
+                        "with native bf16)")
 
 
 def heal_options(args, prefix: str = "") -> dict:
@@ -735,6 +741,7 @@ def heal_options(args, prefix: str = "") -> dict:
         raise DietpruneError("choose one of --full, --lora RANK and --mode")
     opts = dict(mode=mode, lr=g("lr"), temperature=g("temperature"), seq_len=g("seq_len"),
                 batch_size=g("batch_size"), minutes=g("minutes"), checkpoint_every=g("checkpoint_every"),
+                bf16=g("bf16"),
                 general=() if g("general") in (None, "", "none") else tuple(x for x in g("general").split(",") if x),
                 files=tuple(x for x in (g("files") or "").split(",") if x))
     if g("lora"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import subprocess
@@ -307,3 +308,12 @@ def test_prune_with_heal_tokens_prunes_then_heals(tmp_path, data_dir, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]  # no scratch or state left
     healed = dietprune.load(str(out)).model
     assert healed.config.hidden_size == 48
+
+
+def test_bf16_autocast_of_the_bodies_trains(train_file):
+    teacher, student = teacher_and_student()
+    res = heal(student, teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),), lr=3e-3, bf16=True,
+               **dict(OPTS, tokens=32 * 4 * 6))
+    losses = [h["loss"] for h in res.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert next(res.model.parameters()).dtype == torch.float32 and res.config.recipe()["bf16"] is True
