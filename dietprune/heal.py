@@ -533,6 +533,7 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
     if net.config.vocab_size != tnet.config.vocab_size:
         raise DietpruneError(f"student and teacher have different vocabularies ({net.config.vocab_size} vs "
                              f"{tnet.config.vocab_size})")
+    device = device or distributed.device()  # under a multi-GPU launch: this process's own GPU
     dev = torch.device(device) if device else next(net.parameters()).device
     net.to(dev)
     tnet.to(dev).eval()

@@ -317,3 +317,16 @@ def test_bf16_autocast_of_the_bodies_trains(train_file):
     losses = [h["loss"] for h in res.history]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert next(res.model.parameters()).dtype == torch.float32 and res.config.recipe()["bf16"] is True
+
+
+def test_minutes_budget_stops_saves_state_and_resumes(train_file, tmp_path):
+    teacher, student = teacher_and_student()
+    tok = tiny_tokenizer()
+    state = tmp_path / "s"
+    opts = dict(tokenizer=tok, files=(str(train_file),), state_dir=state, **OPTS)
+    first = heal(student, teacher, minutes=1e-9, **opts)
+    assert first.summary["stopped"] == "minutes" and first.summary["tokens_trained"] == 0
+    assert (state / heal_module.STATE_FILE).is_file()
+    done = heal(student, teacher, resume=True, **opts)
+    assert done.summary["stopped"] == "done" and done.summary["tokens_trained"] == OPTS["tokens"]
+    assert not state.exists()
