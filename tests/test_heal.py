@@ -280,9 +280,9 @@ def test_two_gloo_processes_equal_one(train_file, tmp_path):
         script = tmp_path / f"{name}.py"
         script.write_text(WORKER.format(tests=str(REPO / "tests"), student=str(student), teacher=str(teacher),
                                         train=str(train_file), micro=micro, out=str(tmp_path / f"{name}.pt")))
+        port = str(31000 + 2 * (os.getpid() % 1000) + n)
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                            "--master_port", str(31000 + 2 * (os.getpid() % 1000) + n), str(script)], capture_output=True, text=True,
-                           env=env, timeout=240)
+                            "--master_port", port, str(script)], capture_output=True, text=True, env=env, timeout=240)
         assert r.returncode == 0, r.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     start = dietprune.load(str(student)).model.state_dict()
