@@ -264,8 +264,8 @@ def render(state: dict) -> str:
          f"token (T = 1), sequences of {cfg['seq_len']} tokens, {cfg['batch_size']} per step, AdamW, constant "
          "learning rate after 5 warmup steps (default per mode: full 1e-4, LoRA rank 16 1e-3, norms 1e-2), "
          "bfloat16 autocast of the decoder bodies (heads and KL in float32; ~1.6x faster here); text = the seven "
-         "tasks' calibration rows (query + gold answer) and WikiText-2's calibration rows, packed in a seeded order. The budgets of one mode are one run "
-         "(each budget continues the previous one's state).",
+         "tasks' calibration rows (query + gold answer) and WikiText-2's calibration rows, packed in a seeded "
+         "order. The budgets of one mode are one run (each budget continues the previous one's state).",
          f"- Evaluation: the seven tasks' first {cfg['limit']} eval rows each (the study's limit), headline "
          "metric (acc_norm where defined, else acc); skill retained = (avg - chance) / (dense avg - chance), "
          "chance 50% for boolq, rte, winogrande and 25% for the others. Paired difference: the 7-task average "
