@@ -42,8 +42,9 @@ from dietprune.tasks import DIET_TASKS  # noqa: E402
 
 SCHEMA = "dietprune-heal-study/1"
 CHANCE = {"boolq": 0.5, "rte": 0.5, "winogrande": 0.5}  # 0.25 for the others
-DEFAULTS = dict(models="smollm2-135m", methods="diet", sparsity=0.2, budgets="0,30000,100000,300000",
-                mode_budget=30000, modes="full,lora,norms", limit=200, ppl_tokens=16384, seq_len=256,
+DEFAULTS = dict(models="smollm2-135m", methods="diet", sparsity=0.2, budgets="0,10000,30000,100000,300000",
+                mode_budget=10000, modes="full,lora,norms", limit=100, dense_limit=200, ppl_tokens=16384,
+                seq_len=256,
                 batch_size=4, minutes=12.0, bf16=True, cells_dir="bench/results/heal/cells",
                 out="bench/results/heal.json", doc="docs/heal.md", plot="bench/results/heal/heal.png")
 CACHE = Path(os.environ.get("DIETPRUNE_HEAL_CACHE", Path.home() / ".cache" / "dietprune" / "heal-bench"))
@@ -73,13 +74,14 @@ def load_cells(cells_dir: Path, settings: dict) -> dict:
     cells = {}
     for f in sorted(cells_dir.glob("*.json")) if cells_dir.is_dir() else []:
         c = json.loads(f.read_text())
-        if c.get("settings") == settings:
+        if {k: v for k, v in c.get("settings", {}).items() if k != "limit"} == settings:
             cells[c["key"]] = c
     return cells
 
 
 def settings_of(cfg: dict) -> dict:
-    return {"tasks": ",".join(DIET_TASKS), "limit": cfg["limit"], "ppl_tokens": cfg["ppl_tokens"],
+    """What makes a cached cell reusable (the eval limit is per cell; pairs use the rows both evaluated)."""
+    return {"tasks": ",".join(DIET_TASKS), "ppl_tokens": cfg["ppl_tokens"],
             "seq_len": cfg["seq_len"], "batch_size": cfg["batch_size"], "bf16": cfg["bf16"],
             "data": "7 tasks calib + wikitext2 calib"}
 
@@ -141,7 +143,7 @@ def eval_ppl(model, tokenizer, data_dir, max_tokens: int) -> float:
     return ppl
 
 
-def evaluate_cell(model, tokenizer, settings, data_dir) -> dict:
+def evaluate_cell(model, tokenizer, settings, data_dir, limit: int) -> dict:
     import torch
 
     from dietprune.evaluate import evaluate
@@ -149,7 +151,7 @@ def evaluate_cell(model, tokenizer, settings, data_dir) -> dict:
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        ev = evaluate(model, tokenizer, list(DIET_TASKS), limit=settings["limit"], data_dir=data_dir,
+        ev = evaluate(model, tokenizer, list(DIET_TASKS), limit=limit, data_dir=data_dir,
                       progress=False, log_samples=True)
         t1 = time.perf_counter()
         ppl = eval_ppl(model, tokenizer, data_dir, settings["ppl_tokens"])
@@ -174,10 +176,11 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dic
     if model not in models:
         models[model] = load(model)
     lm = models[model]
+    limit = cfg["dense_limit"] if method == "dense" else cfg["limit"]
     cell = {"key": key, "model": model, "method": method, "sparsity": sp, "mode": mode, "tokens": tokens,
-            "settings": settings}
+            "settings": dict(settings, limit=limit)}
     if method == "dense":
-        cell.update(evaluate_cell(lm.model, lm.tokenizer, settings, data_dir))
+        cell.update(evaluate_cell(lm.model, lm.tokenizer, settings, data_dir, limit))
         cell["params"] = sum(p.numel() for p in lm.model.parameters())
         return cell
     folder = pruned_checkpoint(lm, model, method, sp, data_dir)
@@ -203,7 +206,7 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dic
         # tokens/s over the whole chain (several turns and budgets): tokens over summed training seconds
         heal_info["tokens_per_second_chain"] = round(res.summary["tokens_trained"]
                                                      / max(res.summary["seconds_train_total"], 1e-9), 1)
-    cell.update(evaluate_cell(net, tok, settings, data_dir))
+    cell.update(evaluate_cell(net, tok, settings, data_dir, limit))
     cell["params"] = sum(p.numel() for p in net.parameters())
     cell["heal"] = heal_info
     meta = json.loads((folder / "dietprune.json").read_text())
@@ -216,8 +219,19 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dic
 
 # ---- derived figures and the report ----------------------------------------------------------------
 
+def avg_on(cell, n: dict) -> float:
+    """The 7-task average of `cell` on the first n[t] examples of each task."""
+    return statistics.fmean(statistics.fmean(cell["hits"][t][:n[t]]) for t in DIET_TASKS)
+
+
+def common_n(cell, dense) -> dict:
+    return {t: min(len(cell["hits"][t]), len(dense["hits"][t])) for t in DIET_TASKS}
+
+
 def skill_retained(avg_chance, cell, dense) -> float:
-    return (cell["avg"] - avg_chance) / (dense["avg"] - avg_chance)
+    """(avg - chance) / (dense avg - chance), both on the same examples."""
+    n = common_n(cell, dense)
+    return (avg_on(cell, n) - avg_chance) / (avg_on(dense, n) - avg_chance)
 
 
 def paired(cell, dense) -> tuple[float, float]:
@@ -225,7 +239,7 @@ def paired(cell, dense) -> tuple[float, float]:
     diffs, var = [], 0.0
     for t in DIET_TASKS:
         a, b = cell["hits"][t], dense["hits"][t]
-        d = [x - y for x, y in zip(a, b)]
+        d = [x - y for x, y in zip(a, b)]  # zip: the first examples both evaluated
         n = len(d)
         mu = sum(d) / n
         diffs.append(mu)
@@ -243,7 +257,9 @@ def derive(cells: dict) -> list[dict]:
         d, se = paired(c, dense)
         h = c.get("heal") or {}
         rows.append({"model": c["model"], "method": c["method"], "mode": c["mode"], "tokens": c["tokens"],
-                     "avg": c["avg"], "skill": skill_retained(avg_chance, c, dense), "diff": d, "diff_se": se,
+                     "avg": c["avg"], "limit": c["settings"]["limit"],
+                     "dense_avg_same": avg_on(dense, common_n(c, dense)),
+                     "skill": skill_retained(avg_chance, c, dense), "diff": d, "diff_se": se,
                      "ppl": c["ppl"], "ppl_ratio": c["ppl"] / dense["ppl"],
                      "train_s": h.get("seconds_train_total", 0.0), "tok_s": h.get("tokens_per_second_chain"),
                      "param_reduction": c.get("param_reduction", 0.0),
@@ -266,8 +282,10 @@ def render(state: dict) -> str:
          "bfloat16 autocast of the decoder bodies (heads and KL in float32; ~1.6x faster here); text = the seven "
          "tasks' calibration rows (query + gold answer) and WikiText-2's calibration rows, packed in a seeded "
          "order. The budgets of one mode are one run (each budget continues the previous one's state).",
-         f"- Evaluation: the seven tasks' first {cfg['limit']} eval rows each (the study's limit), headline "
-         "metric (acc_norm where defined, else acc); skill retained = (avg - chance) / (dense avg - chance), "
+         f"- Evaluation: the seven tasks' first {cfg['limit']} eval rows each ({cfg['dense_limit']}, the study's "
+         "limit, for dense; a smaller limit for the other cells because evaluation competes with healing for the "
+         "shared CPU), headline metric (acc_norm where defined, else acc); skill retained = (avg - chance) / "
+         "(dense avg - chance) with dense's average on the same examples, "
          "chance 50% for boolq, rte, winogrande and 25% for the others. Paired difference: the 7-task average "
          "minus dense's on the same examples, ± its standard error.",
          f"- Perplexity: token perplexity on the first {cfg['ppl_tokens']:,} tokens of `wikitext2/eval.jsonl` "
@@ -276,15 +294,17 @@ def render(state: dict) -> str:
          "2-core CPU machine, while other jobs ran; evaluation time is not included.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         L += [f"## {model}", "",
-              "| method | mode | tokens | avg % | skill retained | Δ avg vs dense (pts, ± SE) | ppl | ppl / dense "
-              "| train time | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| method | mode | tokens | rows/task | avg % | dense avg % (same rows) | skill retained "
+              "| Δ avg vs dense (pts, ± SE) | ppl | ppl / dense | train time | tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["model"] == model):
             dense = r["method"] == "dense"
             skill = "100%" if dense else f"{100 * r['skill']:.0f}%"
             diff = "-" if dense else f"{100 * r['diff']:+.1f} ± {100 * r['diff_se']:.1f}"
             mode = r["mode"] if r["tokens"] else "-"
             train = _mins(r["train_s"]) if r["tokens"] else "-"
-            L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | {100 * r['avg']:.1f} | {skill} | {diff} "
+            L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | {r['limit']} | {100 * r['avg']:.1f} "
+                     f"| {100 * r['dense_avg_same']:.1f} | {skill} | {diff} "
                      f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
         L += ["", "Per task (headline metric, %):", "",
               "| method | mode | tokens | " + " | ".join(DIET_TASKS) + " |",
@@ -334,6 +354,10 @@ def plot(state: dict, path: Path) -> None:
         a.set_ylabel(yl)
         a.grid(alpha=0.3)
     a1.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    a1.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    a1.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     a2.legend(fontsize=7)
     fig.suptitle("Healing by distillation (goal: dashed lines)")
     fig.tight_layout()
@@ -370,9 +394,9 @@ def finish(cfg, cells, out: Path, doc: Path, plot_path: Path, notes) -> None:
         choice = (f"At {cfg['mode_budget']:,} tokens on {cfg['models'][0]} the perplexities were {ppls}: "
                   f"the longer budgets use **{mode}** (the lowest perplexity; perplexity is the less noisy of the "
                   "two measures at this evaluation size).")
-    state = {"schema": SCHEMA, "setup": {k: cfg[k] for k in ("models", "methods", "sparsity", "budgets", "modes",
-                                                             "mode_budget", "limit", "ppl_tokens", "seq_len",
-                                                             "batch_size", "bf16", "commands")},
+    keep = ("models", "methods", "sparsity", "budgets", "modes", "mode_budget", "limit", "dense_limit", "ppl_tokens",
+            "seq_len", "batch_size", "bf16", "commands")
+    state = {"schema": SCHEMA, "setup": {k: cfg[k] for k in keep},
              "rows": derive(cells), "missing": todo, "choice": choice, "notes": notes,
              "cells": sorted(cells)}
     write_json_atomic(out, state)
