@@ -88,7 +88,11 @@ def settings_of(cfg: dict) -> dict:
 
 # ---- the plan ------------------------------------------------------------------------------------
 
+COMPARED = ("full", "lora")  # the mode of the longer budgets is picked between these (norms is measured after)
+
+
 def best_mode(cells: dict, model, method, sp, modes, budget) -> str | None:
+    modes = [m for m in modes if m in COMPARED]
     got = [cells.get(cell_key(model, method, sp, m, budget)) for m in modes]
     if any(c is None for c in got):
         return None
@@ -103,12 +107,17 @@ def plan(cfg: dict, cells: dict) -> list[str]:
         keys.append(cell_key(model, "dense", 0.0, "none", 0))
         for i, method in enumerate(cfg["methods"]):
             keys.append(cell_key(model, method, sp, "none", 0))
-            if i == 0 and model == cfg["models"][0]:
-                keys += [cell_key(model, method, sp, m, cfg["mode_budget"]) for m in cfg["modes"]]
+            first = i == 0 and model == cfg["models"][0]
+            if first:
+                keys += [cell_key(model, method, sp, m, cfg["mode_budget"]) for m in cfg["modes"] if m in COMPARED]
             mode = best_mode(cells, cfg["models"][0], cfg["methods"][0], sp, cfg["modes"], cfg["mode_budget"])
             if mode is None:
                 continue
-            keys += [cell_key(model, method, sp, mode, b) for b in cfg["budgets"] if b]
+            chain = [cell_key(model, method, sp, mode, b) for b in cfg["budgets"] if b]
+            keys += chain[:2]  # the next budget of the chosen mode, then the remaining modes, then longer budgets
+            if first:
+                keys += [cell_key(model, method, sp, m, cfg["mode_budget"]) for m in cfg["modes"]]
+            keys += chain[2:]
     seen, out = set(), []
     for k in keys:
         if k not in seen:
@@ -177,6 +186,8 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dic
         models[model] = load(model)
     lm = models[model]
     limit = cfg["dense_limit"] if method == "dense" else cfg["limit"]
+    # the other modes at the comparison budget: perplexity only (the tasks cost as much CPU as the healing)
+    ppl_only = tokens == cfg["mode_budget"] and mode != "full"
     cell = {"key": key, "model": model, "method": method, "sparsity": sp, "mode": mode, "tokens": tokens,
             "settings": dict(settings, limit=limit)}
     if method == "dense":
@@ -206,7 +217,16 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dic
         # tokens/s over the whole chain (several turns and budgets): tokens over summed training seconds
         heal_info["tokens_per_second_chain"] = round(res.summary["tokens_trained"]
                                                      / max(res.summary["seconds_train_total"], 1e-9), 1)
-    cell.update(evaluate_cell(net, tok, settings, data_dir, limit))
+    if ppl_only:
+        t1 = time.perf_counter()
+        import torch
+
+        with torch.no_grad():
+            cell["ppl"] = float(eval_ppl(net, tok, data_dir, settings["ppl_tokens"]))
+        cell["seconds_eval"], cell["seconds_ppl"] = 0.0, round(time.perf_counter() - t1, 1)
+        cell["settings"]["limit"] = 0
+    else:
+        cell.update(evaluate_cell(net, tok, settings, data_dir, limit))
     cell["params"] = sum(p.numel() for p in net.parameters())
     cell["heal"] = heal_info
     meta = json.loads((folder / "dietprune.json").read_text())
@@ -254,16 +274,17 @@ def derive(cells: dict) -> list[dict]:
         dense = cells.get(cell_key(c["model"], "dense", 0.0, "none", 0))
         if dense is None:
             continue
-        d, se = paired(c, dense)
+        tasks = "hits" in c
+        d, se = paired(c, dense) if tasks else (None, None)
         h = c.get("heal") or {}
         rows.append({"model": c["model"], "method": c["method"], "mode": c["mode"], "tokens": c["tokens"],
-                     "avg": c["avg"], "limit": c["settings"]["limit"],
-                     "dense_avg_same": avg_on(dense, common_n(c, dense)),
-                     "skill": skill_retained(avg_chance, c, dense), "diff": d, "diff_se": se,
+                     "avg": c.get("avg"), "limit": c["settings"]["limit"],
+                     "dense_avg_same": avg_on(dense, common_n(c, dense)) if tasks else None,
+                     "skill": skill_retained(avg_chance, c, dense) if tasks else None, "diff": d, "diff_se": se,
                      "ppl": c["ppl"], "ppl_ratio": c["ppl"] / dense["ppl"],
                      "train_s": h.get("seconds_train_total", 0.0), "tok_s": h.get("tokens_per_second_chain"),
                      "param_reduction": c.get("param_reduction", 0.0),
-                     "tasks": {t: c["tasks"][t]["score"] for t in DIET_TASKS}})
+                     "tasks": {t: c["tasks"][t]["score"] for t in DIET_TASKS} if tasks else None})
     order = {"dense": 0}
     rows.sort(key=lambda r: (r["model"], order.get(r["method"], 1), r["method"], r["tokens"], r["mode"]))
     return rows
@@ -299,17 +320,21 @@ def render(state: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["model"] == model):
             dense = r["method"] == "dense"
-            skill = "100%" if dense else f"{100 * r['skill']:.0f}%"
-            diff = "-" if dense else f"{100 * r['diff']:+.1f} ± {100 * r['diff_se']:.1f}"
             mode = r["mode"] if r["tokens"] else "-"
             train = _mins(r["train_s"]) if r["tokens"] else "-"
+            if r["avg"] is None:
+                L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | - (perplexity only) | - | - | - | - "
+                         f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
+                continue
+            skill = "100%" if dense else f"{100 * r['skill']:.0f}%"
+            diff = "-" if dense else f"{100 * r['diff']:+.1f} ± {100 * r['diff_se']:.1f}"
             L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | {r['limit']} | {100 * r['avg']:.1f} "
                      f"| {100 * r['dense_avg_same']:.1f} | {skill} | {diff} "
                      f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
         L += ["", "Per task (headline metric, %):", "",
               "| method | mode | tokens | " + " | ".join(DIET_TASKS) + " |",
               "|---|---|---|" + "---|" * len(DIET_TASKS)]
-        for r in (r for r in rows if r["model"] == model):
+        for r in (r for r in rows if r["model"] == model and r["tasks"]):
             mode = r["mode"] if r["tokens"] else "-"
             L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | "
                      + " | ".join(f"{100 * r['tasks'][t]:.1f}" for t in DIET_TASKS) + " |")
@@ -344,8 +369,9 @@ def plot(state: dict, path: Path) -> None:
         xs = [max(r["tokens"], 1e3) for r in pts]
         label = f"{model} {method} {mode}"
         a1.plot(xs, [r["ppl_ratio"] for r in pts], "o-", label=label)
-        a2.errorbar(xs, [100 * r["skill"] for r in pts], fmt="o-", label=label,
-                    yerr=[100 * r["diff_se"] / max(1e-9, _dense_gap(state, model)) for r in pts])
+        sk = [r for r in pts if r["skill"] is not None]
+        a2.errorbar([max(r["tokens"], 1e3) for r in sk], [100 * r["skill"] for r in sk], fmt="o-", label=label,
+                    yerr=[100 * r["diff_se"] / max(1e-9, _dense_gap(state, model)) for r in sk])
     a1.axhline(1.5, ls="--", c="grey", lw=1)
     a2.axhline(90, ls="--", c="grey", lw=1)
     for a, yl in ((a1, "perplexity / dense"), (a2, "skill retained %")):
@@ -390,10 +416,12 @@ def finish(cfg, cells, out: Path, doc: Path, plot_path: Path, notes) -> None:
     choice = None
     if mode:
         first = (cfg["models"][0], cfg["methods"][0], cfg["sparsity"])
-        ppls = ", ".join(f"{m} {cells[cell_key(*first, m, cfg['mode_budget'])]['ppl']:.1f}" for m in cfg["modes"])
-        choice = (f"At {cfg['mode_budget']:,} tokens on {cfg['models'][0]} the perplexities were {ppls}: "
-                  f"the longer budgets use **{mode}** (the lowest perplexity; perplexity is the less noisy of the "
-                  "two measures at this evaluation size).")
+        ppls = ", ".join(f"{m} {cells[cell_key(*first, m, cfg['mode_budget'])]['ppl']:.1f}" for m in cfg["modes"]
+                         if cell_key(*first, m, cfg["mode_budget"]) in cells)
+        choice = (f"At {cfg['mode_budget']:,} tokens on {cfg['models'][0]} the WikiText-2 eval perplexities were "
+                  f"{ppls}: the longer budgets use **{mode}**, the lower of full and LoRA (perplexity decides: "
+                  "the tasks' evaluation costs as much CPU as the healing, so LoRA and norms cells at this budget "
+                  "measure perplexity only). `dietprune heal` defaults to full fine-tuning.")
     keep = ("models", "methods", "sparsity", "budgets", "modes", "mode_budget", "limit", "dense_limit", "ppl_tokens",
             "seq_len", "batch_size", "bf16", "commands")
     state = {"schema": SCHEMA, "setup": {k: cfg[k] for k in keep},
