@@ -440,6 +440,8 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"], help="healing minutes per invocation")
     ap.add_argument("--limit", type=int, default=DEFAULTS["limit"])
     ap.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on the shared, overloaded 2-core box a second thread mostly waits)")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (kept in the JSON)")
     args = ap.parse_args(argv)
@@ -464,7 +466,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(args.threads)
     todo = [k for k in plan(cfg, cells) if k not in cells]
     if not todo:
         finish(cfg, cells, out, doc, plot_path, notes)
