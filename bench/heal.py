@@ -43,7 +43,7 @@ from dietprune.tasks import DIET_TASKS  # noqa: E402
 SCHEMA = "dietprune-heal-study/1"
 CHANCE = {"boolq": 0.5, "rte": 0.5, "winogrande": 0.5}  # 0.25 for the others
 DEFAULTS = dict(models="smollm2-135m", methods="diet", sparsity=0.2, budgets="0,10000,30000,100000,300000",
-                mode_budget=10000, modes="full,lora,norms", limit=100, dense_limit=200, ppl_tokens=16384,
+                mode_budget=10000, modes="full,lora,norms", limit=50, dense_limit=200, ppl_tokens=16384,
                 seq_len=256,
                 batch_size=4, minutes=12.0, bf16=True, cells_dir="bench/results/heal/cells",
                 out="bench/results/heal.json", doc="docs/heal.md", plot="bench/results/heal/heal.png")
