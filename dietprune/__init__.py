@@ -6,8 +6,9 @@ Public API (imported lazily so ``import dietprune`` stays cheap)::
     dietprune.prune(model, tasks, sparsity=0.2, output=)  -> PruneResult
     dietprune.merge(scores, sparsity, method="vote")      -> MergeResult
     dietprune.load(spec)                                  -> LoadedModel
+    dietprune.heal(student, teacher, output=, tokens=)    -> HealResult
 
-``dietprune.profile`` and ``dietprune.merge`` are also the names of submodules; once Python
+``dietprune.profile``, ``dietprune.merge`` and ``dietprune.heal`` are also the names of submodules; once Python
 imports one (``dietprune.prune`` does), the package attribute is that module. The module is then
 made callable, forwarding to the function, so the calls above work in any order and
 ``dietprune.profile.ProfileConfig`` still names the class.
@@ -30,6 +31,9 @@ _LAZY = {
     "Profile": ("stats", "Profile"),
     "prune_hidden_": ("surgery", "prune_hidden_"),
     "DietpruneError": ("errors", "DietpruneError"),
+    "heal": ("heal", "heal"),
+    "HealConfig": ("heal", "HealConfig"),
+    "HealResult": ("heal", "HealResult"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

