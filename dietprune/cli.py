@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "dietprune.evaluate.cli:add_eval",
     "compare": "dietprune.evaluate.cli:add_compare",
     "sparsify": "dietprune.sparsify.cli:add_sparsify",
+    "export": "dietprune.export:add_export",
 }
 
 
@@ -60,7 +61,8 @@ def add_prune(sub):
     p.add_argument("--method", default="diet", help="structured method (see `dietprune ls`)")
     p.add_argument("--scores", default=None, help="reuse a scores file written by `dietprune profile`")
     p.add_argument("--merge", default="vote", choices=["vote", "mean", "rank"])
-    p.add_argument("--align", type=int, default=1, help="keep a multiple of this many dimensions (e.g. 8, 64)")
+    p.add_argument("--align", type=int, default=None,
+                   help="keep a multiple of this many dimensions (e.g. 8, 64; default 1, or 32 with --gguf)")
     p.add_argument("--repair", default=None,
                    choices=["none", "rms", "ls", "rms+ls", "rms+ls+energy", "refit", "rms+refit", "rms+ls+refit"],
                    help="training-free repair after the cut (default: see docs/method.md)")
@@ -69,22 +71,42 @@ def add_prune(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard with --low-memory (e.g. 500MB)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--gguf", default=None, help="also write the result as this GGUF file for llama.cpp")
+    p.add_argument("--gguf-type", default="f16", help="GGUF weight type: f32, f16, bf16, q8_0, q4_k_m (default f16)")
 
     def run(args) -> int:
         from .pipeline import prune
 
+        gguf_note = None
+        if args.gguf is not None:
+            from .export import prepare_gguf
+
+            args.gguf, align, gguf_note = prepare_gguf(args.model, args.output, args.gguf, args.gguf_type,
+                                                       args.sparsity, args.align, args.overwrite)
+            args.align = align
         res = prune(args.model, tasks=args.tasks, sparsity=args.sparsity, output=args.output,
                     scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite, dtype=args.dtype,
                     method=args.method, samples=args.samples, seed=args.seed, merge=args.merge,
-                    align=args.align, ridge=args.ridge, skip_bos=args.skip_bos,
+                    align=args.align or 1, ridge=args.ridge, skip_bos=args.skip_bos,
                     low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
                     max_shard_size=args.max_shard_size,
                     batch_size=args.batch_size, max_length=args.max_length,
                     **({"tap": args.tap} if args.tap else {}), **({"repair": args.repair} if args.repair else {}))
         from .distributed import is_main
 
-        if is_main():
-            print(json.dumps(res.summary, indent=2) if args.json else format_summary(res.summary, res.output))
+        if not is_main():
+            return 0
+        exported = None
+        if args.gguf is not None:
+            from .export import export_gguf
+
+            exported = export_gguf(res.output, args.gguf, args.gguf_type, overwrite=True)
+            res.summary["gguf"] = {"path": str(exported.path), "type": exported.gguf_type,
+                                   "size_bytes": exported.size_bytes, "notes": [gguf_note] * bool(gguf_note)
+                                   + exported.notes}
+        print(json.dumps(res.summary, indent=2) if args.json else format_summary(res.summary, res.output))
+        if exported is not None and not args.json:
+            print(exported.summary() + (f"\n               {gguf_note}" if gguf_note else ""))
         return 0
 
     return run

@@ -188,9 +188,15 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
         from .adapters import adapter_for_type
 
         adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
+        fixed = {}
+        if "gguf_file" in kwargs:  # the head size after a width cut (see export.gguf_config_fixes)
+            from .export import gguf_config_fixes
+
+            fixed = gguf_config_fixes(Path(path) / kwargs["gguf_file"], config)
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"config": config} if fixed else {}),
+                                                     **kwargs)
         kwargs.pop("device_map", None)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except DietpruneError:
