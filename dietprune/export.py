@@ -167,6 +167,36 @@ def source_gguf(folder: Path) -> Path | None:
     return p if p.suffix == ".gguf" and p.is_file() else None
 
 
+def source_tokenizer_model(folder: Path) -> Path | None:
+    """The SentencePiece ``tokenizer.model`` of the local folder a checkpoint was pruned from.
+
+    transformers' ``save_pretrained`` writes tokenizer.json but not the SentencePiece model, which
+    llama.cpp's converter needs for Gemma 2 (and prefers for Llama, Gemma 3, Qwen).
+    """
+    if (folder / "tokenizer.model").is_file() or not (folder / "dietprune.json").is_file():
+        return None
+    try:
+        spec = json.loads((folder / "dietprune.json").read_text()).get("source_model")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(spec, str):
+        return None
+    candidate = Path(spec).expanduser() / "tokenizer.model"
+    return candidate if candidate.is_file() else None
+
+
+def _staged(folder: Path, tmp: Path, extra: dict[str, Path]) -> Path:
+    """A folder of links to the checkpoint's files plus `extra` (name -> file); the checkpoint is not touched."""
+    stage = tmp / "stage"
+    stage.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            (stage / f.name).symlink_to(f)
+    for name, f in extra.items():
+        (stage / name).symlink_to(f.resolve())
+    return stage
+
+
 def _run_converter(folder: Path, out: Path, outtype: str, log: Path) -> None:
     script = converter_dir() / "convert_hf_to_gguf.py"
     cmd = [sys.executable, str(script), str(folder), "--outtype", outtype, "--outfile", str(out)]
@@ -297,8 +327,13 @@ def export_gguf(checkpoint, output, gguf_type: str = "f16", overwrite: bool = Fa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     notes: list[str] = []
     try:
+        source = folder
+        spm = source_tokenizer_model(folder)
+        if spm is not None:
+            source = _staged(folder, tmp, {"tokenizer.model": spm})
+            notes.append(f"tokenizer.model: from the source folder {spm.parent} (save_pretrained does not keep it)")
         converted = tmp / "convert.gguf"
-        _run_converter(folder, converted, "f32" if gguf_type == "q4_k_m" else gguf_type, tmp / "convert.log")
+        _run_converter(source, converted, "f32" if gguf_type == "q4_k_m" else gguf_type, tmp / "convert.log")
         current = converted
         if gguf_type == "q4_k_m":
             quantized = tmp / "quant.gguf"
@@ -459,3 +494,45 @@ def gguf_config_fixes(gguf_path: Path, config) -> dict:
             setattr(config, key, key_length)
             fixed[key] = key_length
     return fixed
+
+
+def llama_cpp_model(path, threads: int = 1, n_ctx: int = 512, logits_all: bool = True, f32_cache: bool = False):
+    """Load a GGUF file in llama.cpp (llama-cpp-python), quietly; a one-line error if it cannot."""
+    if not llama_cpp_available():
+        raise DietpruneError("running a GGUF file needs the package llama-cpp-python: run scripts/setup.sh")
+    from llama_cpp import Llama
+
+    kv = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32 (default f16)
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                     n_threads_batch=threads, logits_all=logits_all, verbose=False, swa_full=True, **kv)
+    except (ValueError, RuntimeError) as exc:
+        raise DietpruneError(f"llama.cpp cannot load {path}: {exc}") from exc
+
+
+def llama_cpp_logits(llm, ids) -> "np.ndarray":  # noqa: F821
+    """Logits (positions x vocab) of llama.cpp on token ids, from a fresh context."""
+    import numpy as np
+
+    llm.reset()  # the next eval drops the cached positions
+    llm.eval(list(map(int, ids)))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_cpp_greedy(llm, ids, n: int) -> list[int]:
+    """`n` greedy tokens after `ids` (argmax of llama.cpp's logits, no sampler)."""
+    import numpy as np
+
+    def last_logits():
+        if llm._logits_all:
+            return llm.scores[llm.n_tokens - 1]
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+    llm.reset()
+    llm.eval(list(map(int, ids)))
+    out = []
+    for i in range(n):
+        out.append(int(np.argmax(last_logits())))
+        if i + 1 < n:
+            llm.eval([out[-1]])
+    return out
