@@ -216,6 +216,30 @@ def _last_error(log: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+_LOAD_CHECK = """
+import sys
+from llama_cpp import Llama
+Llama(model_path=sys.argv[1], n_ctx=64, n_batch=8, n_threads=1, verbose=True, vocab_only=False)
+"""
+
+
+def runtime_check(path: Path) -> str | None:
+    """Load `path` in llama.cpp in a subprocess; None if it loads, else llama.cpp's own reason.
+
+    A subprocess because llama.cpp reports why it refuses a file only on its stderr (and a
+    refusal must not take this process down).
+    """
+    proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path)], capture_output=True, text=True,
+                          errors="replace", env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.splitlines()
+    for ln in lines:
+        if "error loading model:" in ln:
+            return ln.split("error loading model:", 1)[1].strip()[:300]
+    return (lines[-1] if lines else f"exit status {proc.returncode}")[:300]
+
+
 def _quantize(src: Path, dst: Path, gguf_type: str, threads: int) -> None:
     if not llama_cpp_available():
         raise DietpruneError(f"--type {gguf_type} needs llama.cpp's quantizer from the package llama-cpp-python: "
@@ -299,11 +323,13 @@ def _tokenizer_from_source(reader, source: Path):
 
 
 def export_gguf(checkpoint, output, gguf_type: str = "f16", overwrite: bool = False,
-                tokenizer: str = "auto", threads: int | None = None) -> ExportResult:
+                tokenizer: str = "auto", threads: int | None = None, check: bool = True) -> ExportResult:
     """Write the checkpoint folder `checkpoint` as the GGUF file `output` (see the module doc).
 
     `tokenizer`: ``auto`` (the source GGUF's tokenizer when dietprune.json names one that
     fits, else the converter's), ``converter``, or a path to a GGUF file to take it from.
+    `check`: where llama-cpp-python is installed, load the file in llama.cpp before it is renamed
+    into place; a file llama.cpp refuses is not written, and its reason is the error.
     """
     from gguf import GGUFReader, GGUFValueType
 
@@ -386,6 +412,10 @@ def export_gguf(checkpoint, output, gguf_type: str = "f16", overwrite: bool = Fa
                          f"divide by {need} (used {used}; prune with --align {need} to avoid)")
         n_tensors = len(reader.tensors)
         del reader
+        if check and llama_cpp_available():
+            why = runtime_check(current)
+            if why is not None:
+                raise DietpruneError(f"llama.cpp refuses the exported {arch} file: {why}")
         os.chmod(current, 0o666 & ~_umask())
         os.replace(current, out)
     except OSError as exc:
@@ -432,9 +462,11 @@ def add_export(sub):
     p.add_argument("--tokenizer", default="auto",
                    help="auto (the source GGUF's when dietprune.json names one), converter, or a GGUF file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file")
+    p.add_argument("--no-check", action="store_true", help="do not load the file in llama.cpp before writing it")
 
     def run(args) -> int:
-        res = export_gguf(args.checkpoint, args.gguf, args.type, overwrite=args.overwrite, tokenizer=args.tokenizer)
+        res = export_gguf(args.checkpoint, args.gguf, args.type, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                          check=not args.no_check)
         print(res.summary())
         return 0
 

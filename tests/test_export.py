@@ -80,9 +80,14 @@ def tiny_overrides(arch: str) -> dict:
     return {}
 
 
-def pruned_tiny(folder, arch: str, width: int = 48, seed: int = 0):
+# llama.cpp (0.3.36) builds Qwen2's query projection as n_embd x n_embd, ignoring key_length: a cut Qwen2
+# runs there only when heads x head size equals the new width (test_cut_qwen2_refused_with_the_reason)
+RUNNABLE = {"qwen2": {"head_dim": 12}}
+
+
+def pruned_tiny(folder, arch: str, width: int = 48, seed: int = 0, **overrides):
     """A tiny model of `arch` cut from hidden 64 to `width` at random dimensions, saved with a tokenizer."""
-    model = tiny_model(arch, seed=seed, **tiny_overrides(arch))
+    model = tiny_model(arch, seed=seed, **{**tiny_overrides(arch), **overrides})
     kept = torch.randperm(64, generator=torch.Generator().manual_seed(seed + 1))[:width].sort().values
     prune_hidden_(model, kept)
     model.save_pretrained(folder)
@@ -135,12 +140,14 @@ def gguf_fields(path) -> dict:
 def test_f32_export_runs_in_llama_cpp_like_transformers(tmp_path, arch):
     need_runtime()
     ckpt = tmp_path / "ckpt"
-    model = pruned_tiny(ckpt, arch)
+    model = pruned_tiny(ckpt, arch, **RUNNABLE.get(arch, {}))
     res = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
     fields = gguf_fields(res.path)
     a = res.architecture
     assert fields[f"{a}.embedding_length"] == 48
-    assert fields[f"{a}.attention.key_length"] == fields[f"{a}.attention.value_length"] == 16  # not 48 / 4
+    head = model.config.head_dim
+    assert fields[f"{a}.attention.key_length"] == fields[f"{a}.attention.value_length"] == head
+    assert head == 12 or head != 48 // 4  # the head size is not hidden/heads after the cut
     assert set(fields["_types"].values()) == {"F32"}
 
     llm = llama_cpp_model(res.path, threads=1, n_ctx=128, f32_cache=True)
@@ -150,6 +157,15 @@ def test_f32_export_runs_in_llama_cpp_like_transformers(tmp_path, arch):
     assert top1 == 1.0, (arch, rel)
     assert rel < 1e-3, (arch, rel)
     assert llama_cpp_greedy(llm, PROMPT[:8], 20) == hf_greedy(model, PROMPT[:8], 20)
+
+
+def test_cut_qwen2_refused_with_the_reason(tmp_path):
+    need_runtime()
+    pruned_tiny(tmp_path / "ckpt", "qwen2")  # 4 heads of 16 on a width of 48
+    with pytest.raises(DietpruneError, match="llama.cpp refuses.*attn_q.weight.*wrong shape"):
+        export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32")
+    assert not any(p.name.endswith(".gguf") or p.name.startswith(".m.gguf") for p in tmp_path.iterdir())
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f32", check=False)  # still possible, unchecked
 
 
 @pytest.mark.parametrize("arch", ARCHS)
