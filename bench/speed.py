@@ -85,7 +85,12 @@ def gguf_file(args, preset: str, sparsity: float, gguf_type: str) -> Path:
 
     out = work_dir(args) / preset / f"{variant_name(sparsity)}.{gguf_type}.gguf"
     if not out.is_file():
-        res = export_gguf(checkpoint(args, preset, sparsity), out, gguf_type)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the dense checkpoint (the dequantized cache) has no dietprune.json: name the preset's GGUF for its tokenizer
+        from dietprune.models import PRESETS
+
+        tok = "auto" if sparsity else str(PRESETS[preset].gguf_path())
+        res = export_gguf(checkpoint(args, preset, sparsity), out, gguf_type, tokenizer=tok)
         for note in res.notes:
             print(f"[speed] {out.name}: {note}", flush=True)
     return out
@@ -256,7 +261,8 @@ def run(args) -> None:
                 if runtime != "hf-f32":
                     cell["file_bytes"] = gguf_file(args, preset, s, runtime.split("-", 1)[1]).stat().st_size
                 else:
-                    cell["file_bytes"] = sum(f.stat().st_size for f in checkpoint(args, preset, s).glob("*.safetensors"))
+                    weights = checkpoint(args, preset, s).glob("*.safetensors")
+                    cell["file_bytes"] = sum(f.stat().st_size for f in weights)
             save_cell(args, cell)
             print(f"[speed] round {rep + 1}: {preset} {variant_name(s)} {runtime}: prefill {m['prefill_tok_s']:.0f} "
                   f"tok/s, decode {m['decode_tok_s']:.1f} tok/s, rss {m['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
