@@ -268,6 +268,91 @@ def run(args) -> None:
                   f"tok/s, decode {m['decode_tok_s']:.1f} tok/s, rss {m['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
 
+# ---- agreement of llama.cpp with transformers on the same checkpoint -------------------------
+
+def wikitext_windows(args, preset: str, n_windows: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from dietprune.data import load_rows
+    from dietprune.tasks import get_task
+
+    tok = AutoTokenizer.from_pretrained(checkpoint(args, preset, 0))
+    ids: list[int] = []
+    for text in (r["text"] for r in load_rows(get_task("wikitext2"), "eval", args.data_dir)):
+        ids += tok(text, add_special_tokens=False).input_ids
+        if len(ids) >= (n_windows + 1) * PROMPT_TOKENS:
+            break
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    # skip the first window: it is the speed prompt
+    return [bos + ids[i * PROMPT_TOKENS:(i + 1) * PROMPT_TOKENS - len(bos)] for i in range(1, n_windows + 1)]
+
+
+def _nll(logits, ids) -> float:
+    """Summed next-token negative log-likelihood of `ids` under `logits` (positions x vocab)."""
+    import numpy as np
+
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logz = np.log(np.exp(x).sum(-1))
+    return float((logz - x[np.arange(len(ids) - 1), ids[1:]]).sum())
+
+
+def agreement(args, preset: str, sparsity: float) -> dict:
+    """GGUF files in llama.cpp vs the checkpoint in transformers (float32), on WikiText windows.
+
+    Per type: max |logit difference| / max |logit|, top-1 agreement, 20 greedy tokens, and the
+    perplexity of the same tokens (so the cost of q8_0 / q4_k_m is measured, not assumed).
+    """
+    path = Path(args.cells_dir) / f"{preset}__{variant_name(sparsity)}__agreement.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import math
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dietprune.export import llama_cpp_greedy, llama_cpp_logits, llama_cpp_model
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(args, preset, sparsity), dtype=torch.float32).eval()
+    windows = wikitext_windows(args, preset, args.agreement_windows)
+    types = ("f32", "q8_0", "q4_k_m")
+    llms = {t: llama_cpp_model(gguf_file(args, preset, sparsity, t), threads=args.threads, n_ctx=PROMPT_TOKENS,
+                               f32_cache=t == "f32") for t in types}
+    acc = {t: {"rel": 0.0, "same": 0, "nll": 0.0} for t in ("hf-f32",) + types}
+    n_pred = 0
+    for w in windows:
+        with torch.inference_mode():
+            ref = model(torch.tensor([w])).logits[0].numpy()
+        acc["hf-f32"]["nll"] += _nll(ref, w)
+        for t in types:
+            got = llama_cpp_logits(llms[t], w)
+            acc[t]["rel"] = max(acc[t]["rel"], float(np.abs(ref - got).max() / np.abs(ref).max()))
+            acc[t]["same"] += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            acc[t]["nll"] += _nll(got, w)
+            del got
+        n_pred += len(w) - 1
+        del ref
+    prompt = list(windows[0][:32])
+    hf_greedy: list[int] = []
+    with torch.inference_mode():
+        for _ in range(20):
+            hf_greedy.append(int(model(torch.tensor([prompt + hf_greedy])).logits[0, -1].argmax()))
+    n_tok = sum(map(len, windows))
+    out = {"preset": preset, "variant": variant_name(sparsity), "tokens": n_tok,
+           "hf-f32": {"ppl": math.exp(acc["hf-f32"]["nll"] / n_pred)}}
+    for t in types:
+        out[t] = {"max_rel_diff": acc[t]["rel"], "top1_agreement": acc[t]["same"] / n_tok,
+                  "greedy20_identical": llama_cpp_greedy(llms[t], prompt, 20) == hf_greedy,
+                  "ppl": math.exp(acc[t]["nll"] / n_pred)}
+    del llms
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"[speed] agreement {preset} {variant_name(sparsity)}: {out}", flush=True)
+    return out
+
+
 # ---- results and the document --------------------------------------------------------------
 
 def stats(values: list[float]) -> dict:
@@ -278,12 +363,13 @@ def collect(args) -> dict:
     cells = {}
     for p in sorted(Path(args.cells_dir).glob("*.json")):
         c = json.loads(p.read_text())
-        if not c.get("repeats"):
+        if p.name.endswith("__agreement.json") or not c.get("repeats"):
             continue
         c["prefill"] = stats([r["prefill_tok_s"] for r in c["repeats"]])
         c["decode"] = stats([r["decode_tok_s"] for r in c["repeats"]])
         c["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in c["repeats"])
         cells[(c["preset"], c["variant"], c["runtime"])] = c
+    agree = [json.loads(p.read_text()) for p in sorted(Path(args.cells_dir).glob("*__agreement.json"))]
     rows = []
     for (preset, variant, runtime), c in sorted(cells.items()):
         dense = cells.get((preset, "dense", runtime))
@@ -305,7 +391,7 @@ def collect(args) -> dict:
             })
         rows.append(row)
     return {"schema": SCHEMA, "settings": settings(args), "machine": machine(), "rows": rows,
-            "study": study_figures()}
+            "agreement": agree, "study": study_figures()}
 
 
 def machine() -> dict:
@@ -384,6 +470,24 @@ def render(results: dict) -> str:
         "pruned params); decode, which is bound by memory bandwidth, is also given against the file-size ratio.",
         "",
     ]
+    if results.get("agreement"):
+        lines += ["## llama.cpp agrees with transformers", "",
+                  "Each checkpoint exported by `dietprune export` and run in llama.cpp, against the same checkpoint in "
+                  "transformers (float32), on WikiText-2 eval windows of 512 tokens: max |logit difference| / max "
+                  "|logit|, share of positions with the same top-1 token, whether 20 greedy tokens after a 32-token "
+                  "prompt are identical, and the perplexity of the same tokens (f32 runs with an f32 KV cache, the "
+                  "quantized files with llama.cpp's default f16 cache).", "",
+                  "| preset | variant | file | tokens | max rel diff | top-1 same | greedy-20 | ppl (transformers: ppl) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for a in results["agreement"]:
+            for t in ("f32", "q8_0", "q4_k_m"):
+                if t not in a:
+                    continue
+                f = a[t]
+                lines.append(f"| {a['preset']} | {a['variant']} | {t} | {a['tokens']} | {f['max_rel_diff']:.1e} | "
+                             f"{f['top1_agreement']:.2%} | {'same' if f['greedy20_identical'] else 'differs'} | "
+                             f"{f['ppl']:.2f} ({a['hf-f32']['ppl']:.2f}) |")
+        lines.append("")
     for preset in PRESETS:
         prs = [r for r in rows if r["preset"] == preset]
         if not prs:
@@ -417,19 +521,25 @@ def decision_table(results, preset) -> list[str]:
     picks = [("dense", "llama-q8_0"), ("diet-20", "llama-q8_0"), ("dense", "llama-q4_k_m")]
     if not all(p in rows for p in picks):
         return []
+    agree = {(a["preset"], a["variant"]): a for a in results.get("agreement", [])}
     out = ["### Which file to ship", "",
-           "| file | size MiB | prefill tok/s | decode tok/s | 7-task skill retained | WikiText-2 ppl |",
-           "|---|---|---|---|---|---|"]
+           "| file | size MiB | prefill tok/s | decode tok/s | 7-task skill retained (float32, study) | "
+           "WikiText-2 ppl (float32, study) | ppl of this file in llama.cpp |",
+           "|---|---|---|---|---|---|---|"]
     for variant, runtime in picks:
         r = rows[(variant, runtime)]
         s = study.get(f"{preset}/{variant}", {})
+        t = runtime.split("-", 1)[1]
+        a = agree.get((preset, variant), {}).get(t)
         skill = f"{s['skill_retained']:.1%}" if s else "–"
         ppl = f"{s['ppl']:.2f}" if s else "–"
-        out.append(f"| {variant} {runtime.split('-', 1)[1]} | {r['file_bytes'] / 2**20:.0f} | "
-                   f"{r['prefill']['median']:.0f} | {r['decode']['median']:.1f} | {skill} | {ppl} |")
-    out += ["", "Skill retained and perplexity are the structured study's float32 figures (docs/results.md, "
-            "bench/results/structured.json) for the dense model and the 20% DIET checkpoint; the effect of q8_0 "
-            "and q4_k_m quantization on them was not measured here.", ""]
+        here = f"{a['ppl']:.2f}" if a else "–"
+        out.append(f"| {variant} {t} | {r['file_bytes'] / 2**20:.0f} | {r['prefill']['median']:.0f} | "
+                   f"{r['decode']['median']:.1f} | {skill} | {ppl} | {here} |")
+    out += ["", "Skill retained and the study's perplexity are float32 figures from the structured study "
+            "(docs/results.md, bench/results/structured.json: the dense model and its 20% DIET checkpoint, same "
+            "settings as here); quantization's effect on the seven tasks was not evaluated, its effect on perplexity "
+            "is the last column (the agreement section's WikiText windows, shorter than the study's).", ""]
     return out
 
 
@@ -446,6 +556,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "speed.md"))
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--agreement", action="store_true",
+                    help="instead of timing: llama.cpp (f32, q8_0) vs transformers on the --sparsities checkpoints")
+    ap.add_argument("--agreement-windows", type=int, default=4, help="WikiText windows of 512 tokens")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--runtime", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -457,7 +570,11 @@ def main(argv=None) -> int:
     args.presets = [p for p in args.presets.split(",") if p]
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.runtimes = [r for r in args.runtimes.split(",") if r]
-    if not args.render_only:
+    if args.agreement:
+        for preset in args.presets:
+            for s in args.sparsities:
+                agreement(args, preset, s)
+    elif not args.render_only:
         run(args)
     results = collect(args)
     Path(args.out).write_text(json.dumps(results, indent=1))
