@@ -6,7 +6,10 @@ checkpoint folder: it knows each family's conventions (tensor names, Gemma's ``1
 gains stored shifted, tied output, softcapping, sliding window, rope) and it matches the
 runtime that loads the file. ``q4_k_m`` is made from the converter's f32 file by llama.cpp's
 own quantizer, called through llama-cpp-python's C API (``llama_model_quantize``), so no
-separate ``llama-quantize`` binary is needed.
+separate ``llama-quantize`` binary is needed. The converter runs on the ``gguf-py`` it ships with
+(newer than PyPI's ``gguf`` 0.19.0 under the same version number: it needs ``LazyChunkedTensor``,
+which 0.19.0 lacks); dietprune's own reading and metadata rewriting use the installed ``gguf``,
+which reads and writes the same file format (GGUF v3).
 
 dietprune then checks and, where needed, patches the file with the ``gguf`` package:
 
