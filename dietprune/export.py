@@ -495,6 +495,14 @@ def prepare_gguf(model, output, gguf, gguf_type: str, sparsity: float, align: in
     from .models import resolve
 
     where, kwargs, _ = resolve(str(model))
+    if "gguf_file" in kwargs:  # the dequantized cache's config.json, when there is one, reads in milliseconds
+        import torch
+
+        from .models import gguf_cache_entry
+
+        entry = gguf_cache_entry(Path(where) / kwargs["gguf_file"], torch.float32)
+        if entry is not None and (entry / "config.json").is_file():
+            where, kwargs = str(entry), {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
