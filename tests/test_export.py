@@ -176,7 +176,8 @@ def test_exported_gguf_loads_back_into_dietprune(tmp_path, arch, monkeypatch):
 
     ckpt = tmp_path / "ckpt"
     model = pruned_tiny(ckpt, arch)
-    res = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    # check=False: the cut Qwen2 is refused by llama.cpp (see above), not by transformers
+    res = export_gguf(ckpt, tmp_path / "m.gguf", "f32", check=False)
     back = load(str(res.path))
     assert back.model.config.hidden_size == 48
     np.testing.assert_allclose(hf_logits(back.model, PROMPT), hf_logits(model, PROMPT), rtol=0, atol=1e-5)
