@@ -412,7 +412,7 @@ def export_gguf(checkpoint, output, gguf_type: str = "f16", overwrite: bool = Fa
             rows = sorted({r for v in fallback.values() for r in v})
             used = ", ".join(f"{k.lower()} x{len(v)}" for k, v in sorted(fallback.items()))
             notes.append(f"{n} of {len(reader.tensors)} tensors not in {gguf_type}: rows of {rows} values do not "
-                         f"divide by {need} (used {used}; prune with --align {need} to avoid)")
+                         f"divide by {need} (used {used}; a width that is a multiple of {need} avoids this)")
         n_tensors = len(reader.tensors)
         del reader
         if check and llama_cpp_available():
