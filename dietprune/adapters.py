@@ -64,6 +64,10 @@ class ModelAdapter:
     # architecture has no such option (Mistral, Qwen2's o_proj, every non-Llama MLP).
     attention_bias_key: str | None = None
     mlp_bias_key: str | None = None
+    # Config keys that llama.cpp derives from a GGUF's attention.key_length (the head size): a GGUF
+    # read back through transformers gets them from there (transformers' own GGUF mapping misses
+    # head_dim for Qwen and assumes Gemma's query_pre_attn_scalar is 256, where llama.cpp takes the head size).
+    gguf_key_length_keys: tuple[str, ...] = ("head_dim",)
     extra: dict = field(default_factory=dict)
 
     # ---- module access -------------------------------------------------------------
@@ -181,6 +185,7 @@ _GEMMA_SANDWICH = dict(
     norm_offset=1.0,
     embed_scaled_by_sqrt_hidden=True,
     add_bos=True,
+    gguf_key_length_keys=("head_dim", "query_pre_attn_scalar"),
 )
 
 ADAPTERS: tuple[ModelAdapter, ...] = (

@@ -10,6 +10,7 @@ returns the handler, and its module is imported only when that command runs (or 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ COMMANDS = {
     "report": "dietprune.evaluate.report:add_report",
     "sparsify": "dietprune.sparsify.cli:add_sparsify",
     "heal": "dietprune.heal:add_heal",
+    "export": "dietprune.export:add_export",
 }
 
 
@@ -76,10 +78,23 @@ def add_prune(sub):
     from .heal import add_heal_args
 
     add_heal_args(p.add_argument_group("healing (with --heal-tokens)"), prefix="heal-")
+    p.add_argument("--gguf", default=None, help="also write the result as this GGUF file for llama.cpp")
+    p.add_argument("--gguf-type", default="f16", help="GGUF weight type: f32, f16, bf16, q8_0, q4_k_m (default f16)")
 
     def run(args) -> int:
         from .pipeline import prune
 
+        gguf_note = None
+        if args.gguf is not None:
+            if args.heal_tokens:
+                raise DietpruneError("--gguf with --heal-tokens: heal first, then `dietprune export` the healed folder")
+            from .export import prepare_gguf
+            from .registry import spec
+
+            args.gguf, align, gguf_note = prepare_gguf(args.model, args.output, args.gguf, args.gguf_type,
+                                                       args.sparsity, args.align, args.overwrite)
+            if "align" in {f.name for f in dataclasses.fields(spec(args.method).config)}:
+                args.align = align
         kwargs = dict(tasks=args.tasks, sparsity=args.sparsity,
                       scores=args.scores, data_dir=args.data_dir, overwrite=args.overwrite,
                       method=args.method, samples=args.samples, seed=args.seed, skip_bos=args.skip_bos,
@@ -94,8 +109,19 @@ def add_prune(sub):
         res = prune(args.model, output=args.output, dtype=args.dtype, **kwargs)
         from .distributed import is_main
 
-        if is_main():
-            print(json.dumps(res.summary, indent=2) if args.json else format_summary(res.summary, res.output))
+        if not is_main():
+            return 0
+        exported = None
+        if args.gguf is not None:
+            from .export import export_gguf
+
+            exported = export_gguf(res.output, args.gguf, args.gguf_type, overwrite=True)
+            res.summary["gguf"] = {"path": str(exported.path), "type": exported.gguf_type,
+                                   "size_bytes": exported.size_bytes, "notes": [gguf_note] * bool(gguf_note)
+                                   + exported.notes}
+        print(json.dumps(res.summary, indent=2) if args.json else format_summary(res.summary, res.output))
+        if exported is not None and not args.json:
+            print(exported.summary() + (f"\n               {gguf_note}" if gguf_note else ""))
         return 0
 
     return run

