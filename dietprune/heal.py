@@ -223,7 +223,7 @@ def _task_texts(task, samples, seed, data_dir) -> list[str]:
 
 
 def _file_texts(path: str) -> list[str]:
-    from .data import read_file_fields
+    from .userfiles import read_file_fields
     from .tasks import custom_task
 
     p = Path(path).expanduser()
