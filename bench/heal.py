@@ -442,6 +442,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on the shared, overloaded 2-core box a second thread mostly waits)")
+    ap.add_argument("--turn-start-minutes", type=float, default=6.0,
+                    help="start another unit in the same turn only if the turn is younger than this")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (kept in the JSON)")
     args = ap.parse_args(argv)
@@ -472,18 +474,24 @@ def main(argv=None) -> int:
         finish(cfg, cells, out, doc, plot_path, notes)
         print("plan done", flush=True)
         return 0
-    key = todo[0]
-    print(f"[{len(cells)} done, {len(todo)} to do] {key}", flush=True)
-    t0 = time.perf_counter()
-    cell = run_unit(key, cfg, settings, args.data_dir, {})
-    if cell is not None:
-        cell["seconds_unit"] = round(time.perf_counter() - t0, 1)
-        cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json_atomic(cell_file(cells_dir, key), cell)
-        cells[key] = cell
-        print(f"  avg {100 * cell['avg']:.1f}  ppl {cell['ppl']:.1f}  ({cell['seconds_eval']:.0f}s eval)", flush=True)
-    finish(cfg, cells, out, doc, plot_path, notes)
-    todo = [k for k in plan(cfg, cells) if k not in cells]
+    t_turn, models = time.perf_counter(), {}
+    while todo:
+        key = todo[0]
+        print(f"[{len(cells)} done, {len(todo)} to do] {key}", flush=True)
+        t0 = time.perf_counter()
+        cell = run_unit(key, cfg, settings, args.data_dir, models)
+        if cell is not None:
+            cell["seconds_unit"] = round(time.perf_counter() - t0, 1)
+            cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            write_json_atomic(cell_file(cells_dir, key), cell)
+            cells[key] = cell
+            avg = f"avg {100 * cell['avg']:.1f}  " if "avg" in cell else ""
+            print(f"  {avg}ppl {cell['ppl']:.1f}  ({cell['seconds_eval']:.0f}s eval)", flush=True)
+        finish(cfg, cells, out, doc, plot_path, notes)
+        todo = [k for k in plan(cfg, cells) if k not in cells]
+        # another unit in this turn only when the turn is still short (the lock is shared)
+        if cell is None or time.perf_counter() - t_turn > 60 * args.turn_start_minutes:
+            break
     return MORE_TODO if todo else 0
 
 

