@@ -106,13 +106,17 @@ class MethodContext:
 METHODS: dict[str, tuple[bool, Callable]] = {}
 # Methods that run their own calibration: the pipeline profiles nothing for their repairs.
 SELF_CALIBRATED: set[str] = set()
+# Methods whose profile also holds the MLP-channel / head statistics (dietprune.widthstats).
+WIDTH_STATS: set[str] = set()
 
 
-def register(name: str, needs_profile: bool, self_calibrated: bool = False):
+def register(name: str, needs_profile: bool, self_calibrated: bool = False, widths: bool = False):
     def deco(fn):
         METHODS[name] = (needs_profile, fn)
         if self_calibrated:
             SELF_CALIBRATED.add(name)
+        if widths:
+            WIDTH_STATS.add(name)
         return fn
 
     return deco
@@ -186,3 +190,4 @@ def magnitude(model, config: PruneConfig, ctx: MethodContext) -> Selection:
 
 # The structured baselines register themselves in the same table (agnostic, wanda-sp, flap, shortgpt).
 from .baselines import methods as _baselines  # noqa: E402,F401
+from . import width as _width  # noqa: E402,F401  (diet-width)

@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .adapters import adapter_for, param_count
 from .errors import DietpruneError
-from .methods import METHODS, SELF_CALIBRATED, MethodContext, PruneConfig
+from .methods import METHODS, SELF_CALIBRATED, WIDTH_STATS, MethodContext, PruneConfig
 from .models import LoadedModel, load, model_fingerprint
 from .outputs import check_output_dir, check_output_file, check_replaceable, input_paths
 from .profile import ProfileConfig, load_calibration
@@ -72,6 +72,8 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
         check_output_file(output, "scores")
     examples = load_calibration(tasks, cfg, data_dir)
     folder = _streaming_folder(model, low_memory, device_map)
+    if folder is not None and cfg.widths:
+        raise DietpruneError("width statistics (--widths) need the model in memory (not yet with --low-memory)")
     if folder is not None:
         from .streaming import load_tokenizer, stream_profile
 
@@ -124,6 +126,9 @@ def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, us
                              "profile with --gram, or prune with --repair rms")
     if use_rms and prof.norms is None:
         raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
+    if config.method in WIDTH_STATS and (prof.widths is None or (use_ls and prof.widths.mlp is None)):
+        raise DietpruneError(f"the scores file has no width statistics, which --method {config.method} needs: "
+                             "profile with --widths (and --gram for the least-squares repair)")
     return prof
 
 
@@ -166,7 +171,8 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     use_refit = uses_refit(config.repair)
     timings: dict[str, float] = {}
     pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
-                         max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls)
+                         max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls,
+                         widths=config.method in WIDTH_STATS)
     examples = None
     if use_refit or (scores is None and (needs_profile or ((use_rms or use_ls)
                                                              and config.method not in SELF_CALIBRATED))):
@@ -180,6 +186,8 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
 
         if use_refit:
             raise DietpruneError("--repair refit needs the model in memory; use --repair rms with --low-memory")
+        if config.method in WIDTH_STATS:
+            raise DietpruneError(f"--method {config.method} needs the model in memory (not yet with --low-memory)")
 
         return prune_streaming(folder, str(model), config, out, scores=scores, data_dir=data_dir,
                                overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size, offload=offload,

@@ -158,6 +158,7 @@ class ProfileConfig:
     skip_bos: bool = False
     norm_stats: bool = True  # sums of squares at norm inputs (cheap; used by RMS correction)
     gram: bool = False  # d×d Gram matrices at reader-norm outputs (least-squares repair)
+    widths: bool = False  # MLP-channel and head statistics (dietprune.widthstats), for diet-width
 
     def __post_init__(self):
         if self.tap not in TAPS:
@@ -170,7 +171,8 @@ class ProfileConfig:
 
 @torch.no_grad()
 def collect(model: nn.Module, tokenizer, sequences: list[list[int]], config: ProfileConfig,
-            desc: str = "profile", norm_acc: _NormAccumulator | None = None) -> TaskStats:
+            desc: str = "profile", norm_acc: _NormAccumulator | None = None, width_obs=None,
+            task: str | None = None) -> TaskStats:
     """Run `sequences` through the model and return the |activation| sums at the tap."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
@@ -179,6 +181,9 @@ def collect(model: nn.Module, tokenizer, sequences: list[list[int]], config: Pro
     handles = [m.register_forward_hook(acc.hook(i)) for i, (_, m) in enumerate(points)]
     if norm_acc is not None:
         handles += norm_acc.register(model)
+    if width_obs is not None:
+        handles += width_obs.attach(model)
+        width_obs.task = task
     count = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with _hooks(handles):
@@ -189,8 +194,12 @@ def collect(model: nn.Module, tokenizer, sequences: list[list[int]], config: Pro
             acc.mask = mask
             if norm_acc is not None:
                 norm_acc.mask = mask
+            if width_obs is not None:
+                width_obs.mask = mask
             model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
             count += int(mask.sum())
+            if width_obs is not None:
+                width_obs.count_batch(int(mask.sum()))
     stats = TaskStats(acc.abs_sum.cpu(), count, len(sequences))
     bad = ~torch.isfinite(stats.abs_sum).all(dim=1)
     if bad.any():
@@ -217,14 +226,15 @@ def profile(model: nn.Module, tokenizer, tasks, config: ProfileConfig | None = N
     device = next(model.parameters()).device
     task_list, encoded = encode_tasks(tokenizer, tasks, config, data_dir, wants_bos(model), examples)
     norm_acc = new_norm_accumulator(adapter, model.config, config, device)
+    width_obs = new_width_observer(adapter, model.config, config, task_list, device)
     per_task, timings = {}, {}
     for task in task_list:
         t0 = time.perf_counter()
         per_task[task.name] = collect(model, tokenizer, encoded[task.name], config, desc=f"profile {task.name}",
-                                      norm_acc=norm_acc)
+                                      norm_acc=norm_acc, width_obs=width_obs, task=task.name)
         timings[task.name] = round(time.perf_counter() - t0, 2)
     return finish_profile(per_task, norm_acc, task_list, config, timings, model.config,
-                          fingerprint or model_fingerprint(model), model_spec)
+                          fingerprint or model_fingerprint(model), model_spec, width_obs=width_obs)
 
 
 def encode_tasks(tokenizer, tasks, config: ProfileConfig, data_dir, add_bos: bool,
@@ -250,8 +260,19 @@ def new_norm_accumulator(adapter: ModelAdapter, model_config, config: ProfileCon
                             gram=config.gram)
 
 
+def new_width_observer(adapter: ModelAdapter, model_config, config: ProfileConfig, task_list, device):
+    """The MLP-channel / head statistics observer when the profile asks for them (with the repair's
+    moments when it also asks for Gram matrices)."""
+    if not config.widths:
+        return None
+    from .widthstats import WidthObserver
+
+    return WidthObserver(adapter, model_config, [t.name for t in task_list], device, moments=config.gram)
+
+
 def finish_profile(per_task: dict[str, TaskStats], norm_acc, task_list: list[Task], config: ProfileConfig,
-                   timings: dict, model_config, fingerprint: str, model_spec: str | None) -> Profile:
+                   timings: dict, model_config, fingerprint: str, model_spec: str | None,
+                   width_obs=None) -> Profile:
     """Sum the statistics over processes (when launched as several) and attach the provenance."""
     from . import distributed
 
@@ -281,4 +302,9 @@ def finish_profile(per_task: dict[str, TaskStats], norm_acc, task_list: list[Tas
         "seconds": timings,
         "task_versions": {t.name: t.version for t in task_list},
     }
-    return Profile(per_task, meta, norms)
+    widths = None
+    if width_obs is not None:
+        width_obs.detach()
+        widths = width_obs.finish(distributed.all_reduce)
+        meta["widths"] = True
+    return Profile(per_task, meta, norms, widths)
