@@ -42,6 +42,7 @@ class PruneResult:
     output: Path | None = None
     profile: Profile | None = None
     timings: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # what the method decided (dietprune.json "selection")
 
 
 def _as_loaded(model, tokenizer=None) -> LoadedModel:
@@ -259,7 +260,8 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
     summary["shape_changes"] = {k: [v, config_shape(net.config)[k]] for k, v in shape_before.items()
                                 if config_shape(net.config)[k] != v}
-    result = PruneResult(net, lm.tokenizer, kept, config, summary, profile=prof, timings=timings)
+    result = PruneResult(net, lm.tokenizer, kept, config, summary, profile=prof, timings=timings,
+                         selection=selection.info)
     from . import distributed
 
     if out is not None and distributed.is_main():

@@ -83,7 +83,13 @@ def head_options(model: nn.Module, adapter: ModelAdapter, n: int = 3) -> list[tu
 def hidden_width(d: int, fraction: float, heads: int, align: int) -> int:
     """The residual width for a hidden sparsity, a multiple of lcm(align, heads) (stock configs of
     Llama and Gemma reject hidden_size % num_attention_heads != 0)."""
-    return keep_count(d, fraction, math.lcm(align, heads))
+    mult = math.lcm(align, heads)
+    k = int(round(keep_count(d, fraction) / mult)) * mult
+    while k > d:
+        k -= mult
+    if k < mult:
+        raise DietpruneError(f"hidden width {d} cannot hold a multiple of {mult}")
+    return k
 
 
 def solve_channels(model: nn.Module, adapter: ModelAdapter, hidden: int, groups: int, per_group: int,
@@ -272,7 +278,7 @@ def apply_shape_(model: nn.Module, adapter: ModelAdapter, profile, shape: Shape,
 # ---- the measurement that picks the split ------------------------------------------------------
 
 class KLProbe:
-    """The dense model's next-token log-probabilities on held-out token sequences (bfloat16 on
+    """The dense model's next-token log-probabilities on held-out token sequences (float16 on
     the CPU), and ``kl(model)``: the mean over those tokens of KL(dense ‖ model)."""
 
     def __init__(self, model: nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int = 8):
@@ -287,7 +293,7 @@ class KLProbe:
         with torch.no_grad():
             for ids, attn in batches(sequences, batch_size, pad_id):
                 logp = self._logp(model, ids, attn)
-                self.batches.append((ids, attn, logp.to(torch.bfloat16).cpu()))
+                self.batches.append((ids, attn, logp.clamp_min(-60000.0).to(torch.float16).cpu()))
                 self.tokens += logp.shape[0]
 
     def _logp(self, model, ids, attn) -> torch.Tensor:
