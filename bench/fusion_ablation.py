@@ -1,6 +1,6 @@
 """Ablation of the task-exclusive criterion (ratio t/g > tau vs top-rho by t/g), layer-wise proxy.
 
-One dense forward pass collects, for every block linear, sum x^2 on the calibration data (general
+One dense engine pass collects, for every block linear, sum x^2 on the calibration data (general
 and task, as the sparsify loop does) and X X^T on held-out data: general windows drawn with
 another seed, and task calib rows that the calibration sample did not pick. For each criterion
 setting, Wanda masks are computed per layer (no sequential propagation) and the relative
@@ -24,8 +24,10 @@ from dietprune.data import calibration_examples
 from dietprune.encoding import calibration_ids, wants_bos
 from dietprune.models import load
 from dietprune.sparsify.config import SparsifyConfig
-from dietprune.sparsify.loop import (InputStats, capture, general_sequences, input_groups, prunable_linears,
-                                     prune_linear, run_block, task_sequences)
+from dietprune import engine
+from dietprune.engine import make_batches
+from dietprune.sparsify.loop import (LinearStats, general_sequences, input_groups, prunable_linears, prune_linear,
+                                     task_sequences)
 from dietprune.tasks import DIET_TASKS, parse_tasks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +35,10 @@ VARIANTS = [("plain", {}), ("ratio tau=1.25", dict(criterion="ratio", tau=1.25))
             ("ratio tau=1.5", dict(criterion="ratio", tau=1.5)), ("ratio tau=2", dict(criterion="ratio", tau=2.0)),
             ("ratio tau=3", dict(criterion="ratio", tau=3.0)), ("top rho=0.02", dict(criterion="top", rho=0.02)),
             ("top rho=0.05", dict(criterion="top", rho=0.05)), ("top rho=0.1", dict(criterion="top", rho=0.1))]
+
+
+class _Done(Exception):
+    pass
 
 
 def quadratic(delta: torch.Tensor, gram: torch.Tensor) -> float:
@@ -67,14 +73,13 @@ def main(argv=None) -> int:
     model, tok = lm.model, lm.tokenizer
     adapter = adapter_for(model)
     add_bos = wants_bos(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     seqs = {
         "general": general_sequences(tok, "wikitext2", args.samples, args.seqlen, 0, add_bos, args.data_dir),
         "task": task_sequences(tok, args.tasks, args.task_samples, 0, add_bos, 512, args.data_dir),
         "general_heldout": general_sequences(tok, "wikitext2", args.samples, args.seqlen, 1, add_bos, args.data_dir),
         "task_heldout": heldout_task_sequences(tok, args.tasks, args.task_samples, add_bos, 512, args.data_dir),
     }
-    data = {k: capture(model, adapter, v, 8, pad) for k, v in seqs.items()}
+    data = [b for k, v in seqs.items() for b in make_batches(v, 8, tok, k)]
     groups = input_groups(adapter)
     group_of = {n: g for g in groups for n in g}
     configs = {pattern: {name: SparsifyConfig(method="wanda", pattern=pattern, sparsity=sp, tasks=args.tasks,
@@ -82,27 +87,8 @@ def main(argv=None) -> int:
                for pattern, sp in (("unstructured", 0.5), ("2:4", None))}
     errors = {pat: {name: {"general": [], "task": [], "exclusive": []} for name, _ in VARIANTS} for pat in configs}
     measure = {int(b) for b in args.blocks.split(",") if b.strip()} or set(range(len(adapter.blocks(model))))
-    for i, block in enumerate(adapter.blocks(model)):
-        if i > max(measure):
-            break
-        stats = {}
-        for source, items in data.items():
-            gram = source.endswith("heldout") and i in measure
-            holder = {}
-            for g in groups:
-                lin = get_module(block, g[0])
-                d = lin.in_features
-                holder[g] = InputStats(torch.zeros(d, dtype=torch.float64),
-                                       torch.zeros(d, d, dtype=torch.float64) if gram else None)
-            state = {}
-            hooks = [get_module(block, g[0]).register_forward_pre_hook(
-                (lambda g: lambda m, a: holder[g].add(a[0][state["mask"]]))(g)) for g in groups]
-            for batch in items:
-                state["mask"] = batch.mask
-                batch.hidden = run_block(block, i, batch)  # dense propagation
-            for h in hooks:
-                h.remove()
-            stats[source] = holder
+
+    def measure_block(block, i, stats):  # the block is not changed: dense propagation
         for name in prunable_linears(adapter) if i in measure else []:
             lin = get_module(block, name)
             g = group_of[name]
@@ -117,6 +103,14 @@ def main(argv=None) -> int:
                         e[k].append(quadratic(lin.weight - new, grams[k]) / dense[k])
                     e["exclusive"].append(rec.get("exclusive_fraction", 0.0))
         print(f"block {i} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if i >= max(measure):
+            raise _Done
+        return False
+
+    try:
+        engine.run(model, data, [LinearStats(groups, list(seqs), {"general_heldout", "task_heldout"}, measure_block)])
+    except _Done:
+        pass
 
     summary = {pat: {v: {k: sum(x) / len(x) for k, x in e.items()} for v, e in by.items()}
                for pat, by in errors.items()}

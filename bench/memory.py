@@ -179,12 +179,11 @@ def prune_run(model: Path, out: Path, low_memory: bool, args) -> dict:
            "hidden_size": [summary["hidden_size_before"], summary["hidden_size_after"]],
            "output_bytes": summary["size_on_disk_bytes"]}
     if low_memory:
-        block_s = prof["streaming"]["block_seconds"]
+        block_s = prof["engine"]["block_seconds"]
         res["block_seconds_mean"] = round(sum(block_s) / len(block_s), 3)
-        read_s = prof["streaming"].get("block_read_seconds")
-        if read_s:  # reading the block's weights from the shards, inside block_seconds
-            res["block_read_seconds_mean"] = round(sum(read_s) / len(read_s), 3)
-        res["padded_tokens"] = prof["streaming"]["tokens_with_padding"]
+        # reading the blocks' weights from the shards, inside block_seconds
+        res["block_read_seconds_mean"] = round(prof["engine"]["seconds"]["onload"] / len(block_s), 3)
+        res["padded_tokens"] = prof["engine"]["tokens_with_padding"]
         res["s_per_1k_tokens_per_block"] = round(res["block_seconds_mean"] / (tokens / 1000), 4)
     else:  # the whole forward pass divided evenly over the blocks
         res["s_per_1k_tokens_per_block"] = round(summary["seconds"]["profile"] / layers / (tokens / 1000), 4)

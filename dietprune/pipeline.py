@@ -26,7 +26,8 @@ from .models import LoadedModel, load, model_fingerprint
 from .outputs import check_output_dir, check_output_file, check_replaceable, input_paths
 from .profile import ProfileConfig, load_calibration
 from .profile import profile as run_profile
-from .repair import ls_compensate_, parse_repair, rms_correct_, uses_energy, uses_refit
+from .engine import RESIDENT
+from .repair import CutPlan, parse_repair, uses_energy, uses_refit
 from .stats import Profile
 from .surgery import prune_hidden_
 from .tasks import parse_tasks
@@ -76,16 +77,18 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     if folder is not None and cfg.widths:
         raise DietpruneError("width statistics (--widths) need the model in memory (not yet with --low-memory)")
     if folder is not None:
-        from .streaming import load_tokenizer, stream_profile
+        from .streaming import open_streamed
 
-        prof = stream_profile(folder, tokenizer or load_tokenizer(folder), tasks, cfg, data_dir=data_dir,
-                              model_spec=str(model), offload=offload, examples=examples)
+        lm, source = open_streamed(folder, str(model))
+        prof = run_profile(lm.model, tokenizer or lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
+                           examples=examples, source=source, fingerprint=source.fingerprint(lm.model),
+                           offload=offload)
     else:
         if isinstance(model, (str, os.PathLike)):
             model = load(str(model), device=distributed.device(), device_map=device_map)
         lm = _as_loaded(model, tokenizer)
         prof = run_profile(lm.model, lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
-                           examples=examples)
+                           examples=examples, offload=offload)
     if output is not None and distributed.is_main():
         prof.save(output)
     distributed.barrier()
@@ -153,11 +156,13 @@ def _check_scores(prof: Profile, model, config: PruneConfig, fingerprint: str) -
 def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: PruneConfig | None = None,
           scores=None, data_dir=None, overwrite: bool = False, tokenizer=None, dtype: str | None = None,
           low_memory: bool | None = None, device_map: str | None = None, max_shard_size="2GB",
-          offload: str = "auto", **options) -> PruneResult:
+          offload: str = "auto", device: str | None = None, **options) -> PruneResult:
     """Prune hidden dimensions of `model` and (if `output`) save a standard checkpoint.
 
     `model` is a spec (preset, .gguf, folder, hub id), a LoadedModel, or an nn.Module with
     `tokenizer=`. Extra keyword options fill a PruneConfig (method, samples, merge, tap, repair...).
+    `device` (e.g. "cuda"): where profiling, repair and the cut run (the copy or the loaded model is
+    moved there; a streamed model's blocks are read onto it); None leaves the model where it is.
     """
     if config is None:
         if tasks is not None:
@@ -171,6 +176,10 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
     use_rms, use_ls = parse_repair(config.repair)
     use_refit = uses_refit(config.repair)
     timings: dict[str, float] = {}
+    if device is None and device_map is None:
+        from . import distributed
+
+        device = distributed.device()
     pcfg = ProfileConfig(samples=config.samples, seed=config.seed, tap=config.tap, batch_size=config.batch_size,
                          max_length=config.max_length, skip_bos=config.skip_bos, gram=use_ls,
                          widths=config.method in WIDTH_STATS)
@@ -181,28 +190,30 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         examples = load_calibration(task_list, pcfg, data_dir)  # data errors before the model loads
         timings["data"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     folder = _streaming_folder(model, low_memory, device_map)
-    if folder is not None:
-        from .streaming import prune_streaming
+    source = RESIDENT
+    if folder is not None:  # a skeleton whose blocks the engine reads from the shards one at a time
+        from .streaming import open_streamed
 
         if use_refit:
             raise DietpruneError("--repair refit needs the model in memory; use --repair rms with --low-memory")
         if config.method in WIDTH_STATS:
             raise DietpruneError(f"--method {config.method} needs the model in memory (not yet with --low-memory)")
-
-        return prune_streaming(folder, str(model), config, out, scores=scores, data_dir=data_dir,
-                               overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size, offload=offload,
-                               examples=examples, timings=timings)
-
-    t0 = time.perf_counter()
-    owned = isinstance(model, (str, os.PathLike))  # loaded here: ours to cut; anything else is copied
-    if owned and device_map is not None:
-        model = load(str(model), device_map=device_map)
-    lm = _as_loaded(model, tokenizer)
-    net = lm.model if owned else copy.deepcopy(lm.model)
+        lm, source = open_streamed(folder, str(model), device or "cpu")
+        net = lm.model
+        fingerprint = source.fingerprint(net)
+    else:
+        owned = isinstance(model, (str, os.PathLike))  # loaded here: ours to cut; anything else is copied
+        if owned and device_map is not None:
+            model = load(str(model), device_map=device_map)
+        lm = _as_loaded(model, tokenizer)
+        net = lm.model if owned else copy.deepcopy(lm.model)
+        if device is not None and device_map is None:
+            net.to(device)
+        fingerprint = model_fingerprint(net)
     adapter = adapter_for(net)
     timings["load"] = time.perf_counter() - t0
-    fingerprint = model_fingerprint(net)
     d = net.config.hidden_size
     params_before = param_count(net)
     shape_before = config_shape(net.config)
@@ -213,70 +224,107 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         prof = load_checked_scores(scores, net, config, fingerprint, use_rms, use_ls)
     elif examples is not None:
         prof = run_profile(net, lm.tokenizer, task_list, pcfg, data_dir=data_dir, fingerprint=fingerprint,
-                           model_spec=lm.spec, examples=examples)
+                           model_spec=lm.spec, examples=examples, source=source, offload=offload)
     timings["profile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    selection = method_fn(net, config, MethodContext(profile=prof, tokenizer=lm.tokenizer, data_dir=data_dir))
+    selection = _select(method_fn, net, config, MethodContext(profile=prof, tokenizer=lm.tokenizer,
+                                                             data_dir=data_dir), source)
     kept = selection.kept
     timings["select"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    repair_info = {}
+    repair_info, plan = {}, None
     if selection.apply is not None:
         selection.apply(net)
     else:
         repair_prof = selection.repair_profile if selection.repair_profile is not None else prof
-        if use_refit:
-            # the targets are the dense model's norm outputs, so they are read before the RMS correction
-            # rescales the norm gains (afterwards they would be the dense outputs times that factor)
-            from .refit import capture_norm_outputs, fit_batch, reader_weights
-
-            fit = fit_batch(net, lm.tokenizer, examples, config.fit_samples, config.fit_max_length, config.seed)
-            targets, dense_weights = capture_norm_outputs(net, *fit, adapter=adapter), reader_weights(net, adapter)
+        plan = CutPlan(net, kept, None if repair_prof is None else repair_prof.norms, rms=use_rms, ls=use_ls,
+                       ridge=config.ridge, energy=uses_energy(config.repair), adapter=adapter)
         if use_rms:
-            repair_info["rms_factors"] = rms_correct_(net, kept, repair_prof.norms, adapter)
-        if use_ls:
-            ls_compensate_(net, kept, repair_prof.norms, config.ridge, adapter, energy=uses_energy(config.repair))
-        prune_hidden_(net, kept, adapter)
-        if use_refit:
-            from .refit import refit_readers_
-
-            errors = refit_readers_(net, dense_weights, targets, *fit, ridge=config.refit_ridge, adapter=adapter)
-            del targets, dense_weights
-            repair_info["refit_relative_error"] = {
-                "before": sum(b for b, _ in errors.values()) / len(errors),
-                "after": sum(a for _, a in errors.values()) / len(errors)}
+            repair_info["rms_factors"] = plan.rms_factors()
+        if not source.streamed:
+            repair_info.update(_cut_resident(net, lm.tokenizer, plan, config, examples, use_refit))
     timings["cut"] = time.perf_counter() - t0
 
-    summary = {
-        "model": lm.spec,
-        "method": config.method,
-        "hidden_size_before": d,
-        "hidden_size_after": net.config.hidden_size,
-        "params_before": params_before,
-        "params_after": param_count(net),
-    }
-    summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
-    summary["shape_changes"] = {k: [v, config_shape(net.config)[k]] for k, v in shape_before.items()
-                                if config_shape(net.config)[k] != v}
-    result = PruneResult(net, lm.tokenizer, kept, config, summary, profile=prof, timings=timings,
-                         selection=selection.info)
+    summary = {"model": lm.spec, "method": config.method, "hidden_size_before": d,
+               "hidden_size_after": len(kept) if source.streamed else net.config.hidden_size,
+               "params_before": params_before}
+    if source.streamed:
+        summary["low_memory"] = True
+    else:
+        summary["params_after"] = param_count(net)
+        summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
+        summary["shape_changes"] = {k: [v, config_shape(net.config)[k]] for k, v in shape_before.items()
+                                    if config_shape(net.config)[k] != v}
+    result = PruneResult(None if source.streamed else net, lm.tokenizer, kept, config, summary, profile=prof,
+                         timings=timings, selection=selection.info)
     from . import distributed
 
     if out is not None and distributed.is_main():
         t0 = time.perf_counter()
-        meta = _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info)
         tensors = dict(selection.tensors)
         if kept is not None:
             tensors["kept"] = kept.to(torch.int64)
-        save_checkpoint(net, lm.tokenizer, out, meta, tensors,
-                        overwrite=overwrite, dtype=dtype)
+        write_model = None
+        if source.streamed:
+            from .streaming import parse_size, stream_checkpoint
+
+            def write_model(tmp: Path) -> None:
+                written = stream_checkpoint(net, source.ckpt, plan, tmp, dtype=dtype,
+                                            max_shard_bytes=parse_size(max_shard_size))
+                summary["params_after"] = written["params_after"]
+                summary["param_reduction"] = 1 - summary["params_after"] / summary["params_before"]
+
+        def meta():
+            return _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info)
+
+        save_checkpoint(net, lm.tokenizer, out, meta, tensors, overwrite=overwrite, dtype=dtype,
+                        write_model=write_model)
         timings["save"] = time.perf_counter() - t0
         result.output = out
         summary["size_on_disk_bytes"] = dir_size(out)
     summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return result
+
+
+def _select(method_fn, net, config: PruneConfig, ctx: MethodContext, source):
+    """Run the method; on a streamed skeleton any read of a (meta) weight is a one-line error."""
+    if not source.streamed:
+        return method_fn(net, config, ctx)
+    from .streaming import NoWeights, WeightsNeeded
+
+    refuse = f"method '{config.method}' needs the weights in memory; run it without --low-memory"
+    try:
+        with NoWeights():
+            selection = method_fn(net, config, ctx)
+    except WeightsNeeded as exc:
+        raise DietpruneError(refuse) from exc
+    if selection.apply is not None or selection.kept is None or selection.kept.device.type == "meta":
+        raise DietpruneError(refuse)
+    return selection
+
+
+def _cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, use_refit: bool) -> dict:
+    """Repair and cut a resident model in place (then the re-fit, when asked); returns repair records."""
+    info = {}
+    if use_refit:
+        # the targets are the dense model's norm outputs, so they are read before the RMS correction
+        # rescales the norm gains (afterwards they would be the dense outputs times that factor)
+        from .refit import capture_norm_outputs, fit_batch, reader_weights
+
+        fit = fit_batch(net, tokenizer, examples, config.fit_samples, config.fit_max_length, config.seed)
+        targets, dense_weights = capture_norm_outputs(net, *fit, adapter=plan.adapter), reader_weights(net,
+                                                                                                        plan.adapter)
+    plan.repair_(net)
+    prune_hidden_(net, plan.kept, plan.adapter)
+    if use_refit:
+        from .refit import refit_readers_
+
+        errors = refit_readers_(net, dense_weights, targets, *fit, ridge=config.refit_ridge, adapter=plan.adapter)
+        info["refit_relative_error"] = {"before": sum(b for b, _ in errors.values()) / len(errors),
+                                        "after": sum(a for _, a in errors.values()) / len(errors)}
+    return info
 
 
 def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info) -> dict:

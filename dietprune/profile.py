@@ -13,19 +13,19 @@ those sums is kept, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import engine
 from .adapters import ModelAdapter, adapter_for, get_module
 from .data import calibration_examples
-from .encoding import batches, calibration_ids, wants_bos
+from .encoding import calibration_ids, wants_bos
+from .engine import RESIDENT, Batch, Observer, Run, WeightSource, make_batches, output_tensor
 from .errors import DietpruneError
-from .progress import progress
-from .stats import NormStats, Profile, TaskStats
+from .stats import Moments, NormStats, Profile, TaskStats
 from .tasks import Task, parse_tasks
 
 TAPS = ("residual", "norm-out", "write")
@@ -53,99 +53,86 @@ def tap_points(model: nn.Module, adapter: ModelAdapter, tap: str) -> list[tuple[
     return [p for i, b in enumerate(adapter.blocks(model)) for p in block_tap_points(b, i, adapter, tap)]
 
 
-def _tensor(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+class DietObserver(Observer):
+    """DIET's statistics as an engine observer.
 
+    Per batch tag (task): Σ|x| at every tap point. Over all batches (with `norm_stats`): Σx² entering
+    every residual norm and the final norm; with `gram`: Σyyᵀ leaving every reader norm and the
+    final norm. Sums live on the activations' device and come back to the CPU in `task_stats`.
+    """
 
-class _Accumulator:
-    """Holds the current batch's token mask and the running sums."""
-
-    def __init__(self, n_points: int, d: int, device):
-        self.mask: torch.Tensor | None = None
-        self.abs_sum = torch.zeros(n_points, d, dtype=torch.float64, device=device)
-        self.names: list[str] = []
-
-    def hook(self, index: int):
-        def fn(module, args, output):
-            x = _tensor(output)
-            tokens = x[self.mask]  # [N, d]
-            self.abs_sum[index] += tokens.abs().sum(0, dtype=torch.float64).to(self.abs_sum.device)
-
-        return fn
-
-
-class _NormAccumulator:
-    """Sums of x**2 entering each residual norm, and optional Gram matrices of reader-norm outputs."""
-
-    def __init__(self, adapter: ModelAdapter, n_layers: int, d: int, device, gram: bool):
-        self.adapter = adapter
-        self.mask: torch.Tensor | None = None
-        self.in_sq = torch.zeros(n_layers, len(adapter.residual_norms), d, dtype=torch.float64, device=device)
-        self.final_in_sq = torch.zeros(d, dtype=torch.float64, device=device)
+    def __init__(self, adapter: ModelAdapter, model_config, tap: str, tags: list[str], norm_stats: bool = True,
+                 gram: bool = False, device="cpu"):
+        self.adapter, self.tap = adapter, tap
+        L, d = model_config.num_hidden_layers, model_config.hidden_size
+        self.per_block = len(block_tap_names(adapter, tap))
+        self.abs = {t: torch.zeros(L * self.per_block, d, dtype=torch.float64, device=device) for t in tags}
+        self.points: list[str] = []
+        self.norm_stats = norm_stats or gram
+        self.final = self.norm_stats
+        z = torch.zeros
+        self.in_sq = z(L, len(adapter.residual_norms), d, dtype=torch.float64, device=device) \
+            if self.norm_stats else None
+        self.final_in_sq = z(d, dtype=torch.float64, device=device) if self.norm_stats else None
         n_r = len(adapter.reader_norms())
-        self.gram = torch.zeros(n_layers, n_r, d, d, dtype=torch.float64, device=device) if gram else None
-        self.final_gram = torch.zeros(d, d, dtype=torch.float64, device=device) if gram else None
+        self.gram = z(L, n_r, d, d, dtype=torch.float64, device=device) if gram else None
+        self.final_gram = z(d, d, dtype=torch.float64, device=device) if gram else None
 
-    def pre_hook(self, layer: int | None, j: int):
-        def fn(module, args):
-            x = args[0][self.mask].to(self.in_sq.device, torch.float64)
-            if layer is None:
-                self.final_in_sq += (x * x).sum(0)
-            else:
-                self.in_sq[layer, j] += (x * x).sum(0)
-
-        return fn
-
-    def gram_hook(self, layer: int | None, j: int):
+    @staticmethod
+    def _post(sink, run: Run):
         def fn(module, args, output):
-            # float32 product per batch (fast on CPU), float64 running sum (exact across batches)
-            y = _tensor(output)[self.mask].float()
-            g = (y.T @ y).to(self.in_sq.device, torch.float64)
-            if layer is None:
-                self.final_gram += g
-            else:
-                self.gram[layer, j] += g
+            sink().add(output_tensor(output)[run.mask])
 
         return fn
 
-    def register_block(self, block: nn.Module, i: int) -> list:
-        adapter = self.adapter
+    @staticmethod
+    def _pre(sink: Moments, run: Run):
+        def fn(module, args):
+            sink.add(args[0][run.mask])
+
+        return fn
+
+    def attach(self, block, index, run):
         handles = []
-        for j, name in enumerate(adapter.residual_norms):
-            handles.append(get_module(block, name).register_forward_pre_hook(self.pre_hook(i, j)))
+        for p, (name, module) in enumerate(block_tap_points(block, index, self.adapter, self.tap)):
+            row = index * self.per_block + p
+            self.points.append(name)
+            handles.append(module.register_forward_hook(
+                self._post(lambda row=row: Moments(abs=self.abs[run.tag][row]), run)))
+        if self.norm_stats:
+            for j, name in enumerate(self.adapter.residual_norms):
+                handles.append(get_module(block, name).register_forward_pre_hook(
+                    self._pre(Moments(sq=self.in_sq[index, j]), run)))
         if self.gram is not None:
-            for j, name in enumerate(adapter.reader_norms()):
-                handles.append(get_module(block, name).register_forward_hook(self.gram_hook(i, j)))
+            for j, name in enumerate(self.adapter.reader_norms()):
+                sink = Moments(gram=self.gram[index, j])
+                handles.append(get_module(block, name).register_forward_hook(self._post(lambda s=sink: s, run)))
         return handles
 
-    def register_final(self, norm: nn.Module) -> list:
-        handles = [norm.register_forward_pre_hook(self.pre_hook(None, 0))]
+    def attach_final(self, norm, run):
+        handles = [norm.register_forward_pre_hook(self._pre(Moments(sq=self.final_in_sq), run))]
         if self.final_gram is not None:
-            handles.append(norm.register_forward_hook(self.gram_hook(None, 0)))
+            sink = Moments(gram=self.final_gram)
+            handles.append(norm.register_forward_hook(self._post(lambda: sink, run)))
         return handles
 
-    def register(self, model: nn.Module) -> list:
-        handles = []
-        for i, block in enumerate(self.adapter.blocks(model)):
-            handles += self.register_block(block, i)
-        return handles + self.register_final(self.adapter.norm(model))
+    def task_stats(self, batches: list[Batch], samples: dict[str, int]) -> dict[str, TaskStats]:
+        out = {}
+        for tag, sums in self.abs.items():
+            bad = ~torch.isfinite(sums).all(dim=1)
+            if bad.any():
+                raise DietpruneError(f"non-finite activations (NaN/inf) at {self.points[int(bad.nonzero()[0])]}")
+            count = sum(int(b.mask.sum()) for b in batches if b.tag == tag)
+            out[tag] = TaskStats(sums.cpu(), count, samples[tag])
+        return out
 
+    def norm_stats_of(self, count: int) -> NormStats | None:
+        if not self.norm_stats:
+            return None
+        def cpu(t):
+            return None if t is None else t.cpu()
 
-@contextlib.contextmanager
-def _hooks(handles):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def token_mask(ids: torch.Tensor, attention: torch.Tensor, skip_bos: bool, bos_id: int | None) -> torch.Tensor:
-    mask = attention.bool()
-    if skip_bos and bos_id is not None:
-        mask = mask.clone()
-        mask[:, 0] &= ids[:, 0] != bos_id
-    return mask
+        return NormStats(cpu(self.in_sq), cpu(self.final_in_sq), count, cpu(self.gram), cpu(self.final_gram))
 
 
 @dataclass
@@ -169,42 +156,15 @@ class ProfileConfig:
             raise DietpruneError("batch_size must be positive and max_length above 1")
 
 
-@torch.no_grad()
 def collect(model: nn.Module, tokenizer, sequences: list[list[int]], config: ProfileConfig,
-            desc: str = "profile", norm_acc: _NormAccumulator | None = None, width_obs=None,
-            task: str | None = None) -> TaskStats:
+            desc: str = "profile") -> TaskStats:
     """Run `sequences` through the model and return the |activation| sums at the tap."""
     adapter = adapter_for(model)
-    device = next(model.parameters()).device
-    points = tap_points(model, adapter, config.tap)
-    acc = _Accumulator(len(points), model.config.hidden_size, device)
-    handles = [m.register_forward_hook(acc.hook(i)) for i, (_, m) in enumerate(points)]
-    if norm_acc is not None:
-        handles += norm_acc.register(model)
-    if width_obs is not None:
-        handles += width_obs.attach(model)
-        width_obs.task = task
-    count = 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with _hooks(handles):
-        n_batches = -(-len(sequences) // config.batch_size)
-        for ids, attn in progress(batches(sequences, config.batch_size, pad), total=n_batches, desc=desc):
-            ids, attn = ids.to(device), attn.to(device)
-            mask = token_mask(ids, attn, config.skip_bos, tokenizer.bos_token_id)
-            acc.mask = mask
-            if norm_acc is not None:
-                norm_acc.mask = mask
-            if width_obs is not None:
-                width_obs.mask = mask
-            model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-            count += int(mask.sum())
-            if width_obs is not None:
-                width_obs.count_batch(int(mask.sum()))
-    stats = TaskStats(acc.abs_sum.cpu(), count, len(sequences))
-    bad = ~torch.isfinite(stats.abs_sum).all(dim=1)
-    if bad.any():
-        raise DietpruneError(f"non-finite activations (NaN/inf) at {points[int(bad.nonzero()[0])][0]}")
-    return stats
+    batches = make_batches(sequences, config.batch_size, tokenizer, "", config.skip_bos)
+    obs = DietObserver(adapter, model.config, config.tap, [""], norm_stats=False,
+                       device=next(model.parameters()).device)
+    engine.run(model, batches, [obs], desc=desc)
+    return obs.task_stats(batches, {"": len(sequences)})[""]
 
 
 def load_calibration(tasks, config: ProfileConfig, data_dir=None) -> dict[str, list]:
@@ -214,27 +174,46 @@ def load_calibration(tasks, config: ProfileConfig, data_dir=None) -> dict[str, l
 
 def profile(model: nn.Module, tokenizer, tasks, config: ProfileConfig | None = None,
             data_dir=None, fingerprint: str | None = None, model_spec: str | None = None,
-            examples: dict[str, list] | None = None) -> Profile:
+            examples: dict[str, list] | None = None, source: WeightSource = RESIDENT,
+            offload: str = "memory") -> Profile:
     """Profile `model` on each task and return per-task statistics (plus norm statistics).
 
-    `examples` (from load_calibration) skips loading the data again.
+    One engine pass over every task's batches (tagged by task). `examples` (from load_calibration)
+    skips loading the data again; `source` streams the weights (streaming.StreamedWeights), and then
+    `fingerprint` should come from the checkpoint.
     """
-    from .models import model_fingerprint
-
     config = config or ProfileConfig()
     adapter = adapter_for(model)
-    device = next(model.parameters()).device
     task_list, encoded = encode_tasks(tokenizer, tasks, config, data_dir, wants_bos(model), examples)
-    norm_acc = new_norm_accumulator(adapter, model.config, config, device)
-    width_obs = new_width_observer(adapter, model.config, config, task_list, device)
-    per_task, timings = {}, {}
-    for task in task_list:
-        t0 = time.perf_counter()
-        per_task[task.name] = collect(model, tokenizer, encoded[task.name], config, desc=f"profile {task.name}",
-                                      norm_acc=norm_acc, width_obs=width_obs, task=task.name)
-        timings[task.name] = round(time.perf_counter() - t0, 2)
-    return finish_profile(per_task, norm_acc, task_list, config, timings, model.config,
-                          fingerprint or model_fingerprint(model), model_spec, width_obs=width_obs)
+    batches = [b for t in task_list
+               for b in make_batches(encoded[t.name], config.batch_size, tokenizer, t.name, config.skip_bos)]
+    obs = DietObserver(adapter, model.config, config.tap, [t.name for t in task_list], config.norm_stats,
+                       config.gram, device=source.device(model))
+    observers = [obs]
+    if config.widths:  # MLP channels and heads, in the same pass (with the repair's moments when gram)
+        from .widthstats import WidthObserver
+
+        observers.append(WidthObserver(adapter, model.config, [t.name for t in task_list], source.device(model),
+                                       moments=config.gram))
+    t0 = time.perf_counter()
+    report = engine.run(model, batches, observers, source=source, offload=offload, desc="profile")
+    seconds = round(time.perf_counter() - t0, 2)
+    per_task = obs.task_stats(batches, {t.name: len(encoded[t.name]) for t in task_list})
+    if fingerprint is None:
+        from .models import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+    prof = finish_profile(per_task, obs.norm_stats_of(sum(st.count for st in per_task.values())), task_list,
+                          config, {"all tasks": seconds}, model.config, fingerprint, model_spec)
+    if config.widths:
+        from . import distributed
+
+        prof.widths = observers[1].finish(batches, distributed.all_reduce)
+        prof.meta["widths"] = True
+    prof.meta["engine"] = {"seconds": report.seconds, "block_seconds": [round(s, 3) for s in report.block_seconds],
+                           "tokens_with_padding": report.tokens_with_padding,
+                           "activations_on_disk": report.activations_on_disk, "streamed": source.streamed}
+    return prof
 
 
 def encode_tasks(tokenizer, tasks, config: ProfileConfig, data_dir, add_bos: bool,
@@ -253,38 +232,18 @@ def encode_tasks(tokenizer, tasks, config: ProfileConfig, data_dir, add_bos: boo
     return task_list, encoded
 
 
-def new_norm_accumulator(adapter: ModelAdapter, model_config, config: ProfileConfig, device):
-    if not (config.norm_stats or config.gram):
-        return None
-    return _NormAccumulator(adapter, model_config.num_hidden_layers, model_config.hidden_size, device,
-                            gram=config.gram)
-
-
-def new_width_observer(adapter: ModelAdapter, model_config, config: ProfileConfig, task_list, device):
-    """The MLP-channel / head statistics observer when the profile asks for them (with the repair's
-    moments when it also asks for Gram matrices)."""
-    if not config.widths:
-        return None
-    from .widthstats import WidthObserver
-
-    return WidthObserver(adapter, model_config, [t.name for t in task_list], device, moments=config.gram)
-
-
-def finish_profile(per_task: dict[str, TaskStats], norm_acc, task_list: list[Task], config: ProfileConfig,
-                   timings: dict, model_config, fingerprint: str, model_spec: str | None,
-                   width_obs=None) -> Profile:
+def finish_profile(per_task: dict[str, TaskStats], norms: NormStats | None, task_list: list[Task], config: ProfileConfig,
+                   timings: dict, model_config, fingerprint: str, model_spec: str | None) -> Profile:
     """Sum the statistics over processes (when launched as several) and attach the provenance."""
     from . import distributed
 
     per_task = {name: distributed.reduce_task_stats(st) for name, st in per_task.items()}
-    norms = None
-    if norm_acc is not None:
-        total = sum(st.count for st in per_task.values())
+    if norms is not None:
         def summed(t):
-            return None if t is None else distributed.all_reduce(t.cpu())
+            return None if t is None else distributed.all_reduce(t)
 
-        norms = NormStats(summed(norm_acc.in_sq), summed(norm_acc.final_in_sq), total,
-                          summed(norm_acc.gram), summed(norm_acc.final_gram))
+        norms = NormStats(summed(norms.in_sq), summed(norms.final_in_sq), sum(st.count for st in per_task.values()),
+                          summed(norms.gram), summed(norms.final_gram))
         if not torch.isfinite(norms.in_sq).all():
             raise DietpruneError("non-finite activations (NaN/inf) entering a residual norm")
     meta = {
@@ -302,9 +261,4 @@ def finish_profile(per_task: dict[str, TaskStats], norm_acc, task_list: list[Tas
         "seconds": timings,
         "task_versions": {t.name: t.version for t in task_list},
     }
-    widths = None
-    if width_obs is not None:
-        width_obs.detach()
-        widths = width_obs.finish(distributed.all_reduce)
-        meta["widths"] = True
-    return Profile(per_task, meta, norms, widths)
+    return Profile(per_task, meta, norms)

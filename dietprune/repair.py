@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, adapter_for, get_module
+from .adapters import ModelAdapter, adapter_for
 from .errors import DietpruneError
 from .stats import NormStats
 
@@ -66,20 +66,9 @@ def rms_ratio(in_sq: torch.Tensor, kept: torch.Tensor) -> float:
 @torch.no_grad()
 def rms_correct_(model: nn.Module, kept: torch.Tensor, norms: NormStats, adapter: ModelAdapter | None = None) -> dict:
     """Rescale every residual-path norm gain (block norms and the final norm); returns the factors."""
-    adapter = adapter or adapter_for(model)
-    kept = torch.as_tensor(kept, dtype=torch.long)
-    factors = {}
-    for i, block in enumerate(adapter.blocks(model)):
-        for j, name in enumerate(adapter.residual_norms):
-            f = rms_ratio(norms.in_sq[i, j], kept)
-            norm = get_module(block, name)
-            norm.weight.data.copy_(rescale_gain(norm.weight.data, f, adapter.norm_offset))
-            factors[f"{i}.{name}"] = f
-    f = rms_ratio(norms.final_in_sq, kept)
-    final = adapter.norm(model)
-    final.weight.data.copy_(rescale_gain(final.weight.data, f, adapter.norm_offset))
-    factors["final"] = f
-    return factors
+    plan = CutPlan(model, kept, norms, rms=True, adapter=adapter)
+    plan.repair_(model)
+    return plan.rms_factors()
 
 
 def rescale_gain(weight: torch.Tensor, factor: float, offset: float) -> torch.Tensor:
@@ -106,10 +95,11 @@ def ls_fold(weight: torch.Tensor, a: torch.Tensor, kept: torch.Tensor, removed: 
     With the norm output's Gram matrix `gram` (d × d), each row is then rescaled so that its output
     energy on the calibration data, W'_k G_kk W'_kᵀ, equals the dense row's W G Wᵀ (``energy``)."""
     w = weight.double()
+    a, kept, removed = a.to(w.device), kept.to(w.device), removed.to(w.device)
     dense = w.clone() if gram is not None else None
     w[:, kept] += w[:, removed] @ a
     if gram is not None:
-        g = gram.double()
+        g = gram.to(w.device, torch.float64)
         wk = w[:, kept]
         want = torch.sum((dense @ g) * dense, dim=1)
         have = torch.sum((wk @ g[kept][:, kept]) * wk, dim=1)
@@ -120,10 +110,11 @@ def ls_fold(weight: torch.Tensor, a: torch.Tensor, kept: torch.Tensor, removed: 
 def ls_map(gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, ridge: float) -> torch.Tensor:
     """A = G_rk (G_kk + λI)⁻¹ with λ = ridge · mean(diag G_kk): [removed, kept]."""
     g = gram.double()
+    kept, removed = kept.to(g.device), removed.to(g.device)
     gkk = g[kept][:, kept]
     grk = g[removed][:, kept]
     lam = ridge * torch.diagonal(gkk).mean().clamp_min(1e-12)
-    eye = torch.eye(len(kept), dtype=torch.float64)
+    eye = torch.eye(len(kept), dtype=torch.float64, device=g.device)
     # A (G_kk + λI) = G_rk  ->  solve (G_kk + λI)ᵀ Aᵀ = G_rkᵀ (G_kk is symmetric)
     return torch.linalg.solve(gkk + lam * eye, grk.T).T
 
@@ -133,27 +124,78 @@ def ls_compensate_(model: nn.Module, kept: torch.Tensor, norms: NormStats, ridge
                    adapter: ModelAdapter | None = None, energy: bool = False) -> None:
     """Fold the least-squares prediction of removed norm outputs into the projections reading them
     (`energy`: then match each output row's calibration energy to the dense one)."""
-    adapter = adapter or adapter_for(model)
-    if norms.gram is None:
-        raise DietpruneError("least-squares repair needs Gram statistics: profile with gram=True")
-    d = model.config.hidden_size
-    kept = torch.as_tensor(kept, dtype=torch.long)
-    removed = complement(kept, d)
-    if len(removed) == 0:
-        return
-    for i, block in enumerate(adapter.blocks(model)):
-        for j, norm_name in enumerate(adapter.reader_norms()):
-            a = ls_map(norms.gram[i, j], kept, removed, ridge)  # [r, k]
-            for lin_name in adapter.norm_readers[norm_name]:
-                lin = get_module(block, lin_name)
-                lin.weight.data.copy_(ls_fold(lin.weight.data, a, kept, removed,
-                                              norms.gram[i, j] if energy else None))
-    if head_foldable(model, adapter, norms):
-        head = adapter.output_head(model)
-        head.weight.data.copy_(ls_fold(head.weight.data, ls_map(norms.final_gram, kept, removed, ridge), kept, removed,
-                                       norms.final_gram if energy else None))
+    CutPlan(model, kept, norms, ls=True, ridge=ridge, energy=energy, adapter=adapter).repair_(model)
 
 
 def head_foldable(model: nn.Module, adapter: ModelAdapter, norms: NormStats) -> bool:
     """The least-squares fold reaches lm_head: it is untied and the final norm's Gram matrix is known."""
     return not adapter.tied(model) and norms.final_gram is not None
+
+
+class CutPlan:
+    """The repairs of one hidden-dimension cut, applied tensor by tensor: the one place of the repair order.
+
+    For a state-dict tensor (by name) `transform` returns its repaired full-width version: a
+    residual norm's gain rescaled by its RMS factor (``rms``), a reader projection or an untied
+    lm_head with the least-squares map of the norm it reads folded in (``ls``, ``energy``).
+    Slicing comes after (``surgery.slice_tensor``). The resident cut (`repair_` then
+    ``surgery.prune_hidden_``) and the streamed writer (``streaming.stream_checkpoint``) both use
+    it, so they agree by construction. Everything is computed on the tensor's device.
+    """
+
+    def __init__(self, model: nn.Module, kept, norms: NormStats | None, rms: bool = False, ls: bool = False,
+                 ridge: float = 1e-2, energy: bool = False, adapter: ModelAdapter | None = None):
+        self.adapter = adapter or adapter_for(model)
+        self.d = model.config.hidden_size
+        self.kept = torch.as_tensor(kept, dtype=torch.long).cpu()
+        self.removed = complement(self.kept, self.d)
+        if (rms or ls) and norms is None:
+            raise DietpruneError("repair needs norm statistics from profiling")
+        if ls and norms.gram is None:
+            raise DietpruneError("least-squares repair needs Gram statistics: profile with gram=True")
+        self.norms, self.rms, self.ls, self.ridge, self.energy = norms, rms, ls and len(self.removed) > 0, ridge, energy
+        self.fold_head = self.ls and head_foldable(model, self.adapter, norms)
+        self._maps: dict = {}
+
+    def rms_factors(self) -> dict[str, float]:
+        norms, kept = self.norms, self.kept
+        out = {f"{i}.{name}": rms_ratio(norms.in_sq[i, j], kept)
+               for i in range(norms.in_sq.shape[0]) for j, name in enumerate(self.adapter.residual_norms)}
+        out["final"] = rms_ratio(norms.final_in_sq, kept)
+        return out
+
+    def _fold(self, key, gram: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if key not in self._maps:
+            self._maps.clear()  # tensors come grouped by layer: one map at a time in memory
+            self._maps[key] = ls_map(gram.to(t.device), self.kept, self.removed, self.ridge)
+        return ls_fold(t, self._maps[key], self.kept, self.removed, gram if self.energy else None)
+
+    def transform(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The repaired (still full-width) tensor `name`; `t` itself when no repair touches it."""
+        if self.rms:
+            f = rms_factor_for(self.adapter, name, self.kept, self.norms)
+            if f is not None:
+                t = rescale_gain(t, f, self.adapter.norm_offset)
+        if not self.ls:
+            return t
+        role, layer, inner = self.adapter.locate(name)
+        if role == "reader":
+            for j, norm_name in enumerate(self.adapter.reader_norms()):
+                if inner in self.adapter.norm_readers[norm_name]:
+                    t = self._fold((layer, j), self.norms.gram[layer, j], t)
+        elif role == "lm_head" and inner == "weight" and self.fold_head:
+            t = self._fold("head", self.norms.final_gram, t)
+        return t
+
+    @torch.no_grad()
+    def repair_(self, model: nn.Module) -> nn.Module:
+        """Apply the repairs to a resident full-width model in place (the cut itself is prune_hidden_)."""
+        params = dict(model.named_parameters())
+        if self.fold_head:  # named_parameters lists a tied head once; an untied one is its own entry
+            params.setdefault(self.adapter.lm_head + ".weight", self.adapter.output_head(model).weight)
+        for name, p in params.items():
+            new = self.transform(name, p.data)
+            if new is not p.data:
+                p.data.copy_(new)
+        self._maps.clear()
+        return model

@@ -20,6 +20,62 @@ FORMAT_VERSION = "1"
 
 
 @dataclass
+class Moments:
+    """Running float64 sums over the tokens of one activation x [tokens, d]: the one accumulator.
+
+    Which sums are kept is chosen by which fields are tensors: ``abs`` (Σ|x|, DIET), ``sum`` (Σx),
+    ``sq`` (Σx², RMS / variance), ``gram`` (Σxxᵀ, least squares / SparseGPT); ``count`` tokens.
+    The fields may be views of a larger tensor (one row of a per-layer stack): `add` writes in place.
+    Gram products are float32 per batch (fast on CPU) added into a float64 sum (exact across batches).
+    """
+
+    abs: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, d: int, *, abs: bool = False, sum: bool = False, sq: bool = False, gram: bool = False,
+              device=None) -> "Moments":
+        def z(on, *shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device) if on else None
+
+        return cls(z(abs, d), z(sum, d), z(sq, d), z(gram, d, d))
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of x (the selected tokens, [tokens, d])."""
+        if self.abs is not None:
+            self.abs += x.abs().sum(0, dtype=torch.float64).to(self.abs.device)
+        if self.sum is not None or self.sq is not None:
+            x64 = x.to(torch.float64)
+            if self.sum is not None:
+                self.sum += x64.sum(0).to(self.sum.device)
+            if self.sq is not None:
+                self.sq += (x64 * x64).sum(0).to(self.sq.device)
+        if self.gram is not None:
+            xf = x.to(torch.float32)
+            self.gram += (xf.T @ xf).to(self.gram.device, torch.float64)
+        self.count += x.shape[0]
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("abs", self.abs), ("sum", self.sum), ("sq", self.sq), ("gram", self.gram))
+                if v is not None}
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(v).all()) for v in self.fields().values())
+
+    def cpu(self) -> "Moments":
+        return Moments(**{k: v.cpu() for k, v in self.fields().items()}, count=self.count)
+
+    def __add__(self, other: "Moments") -> "Moments":
+        a, b = self.fields(), other.fields()
+        if set(a) != set(b):
+            raise DietpruneError(f"cannot merge moments with fields {sorted(a)} and {sorted(b)}")
+        return Moments(**{k: a[k] + b[k] for k in a}, count=self.count + other.count)
+
+
+@dataclass
 class TaskStats:
     """Sum of |activation| per tap point and hidden dimension, over `count` tokens."""
 

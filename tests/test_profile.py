@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from dietprune.errors import DietpruneError
-from dietprune.profile import ProfileConfig, _NormAccumulator, collect, tap_points
+from dietprune.profile import DietObserver, ProfileConfig, collect, tap_points
+from dietprune import engine
 from dietprune.adapters import adapter_for
 from dietprune.stats import NormStats, Profile, TaskStats
 from tiny import ARCHS, tiny_model, tiny_tokenizer
@@ -77,8 +78,8 @@ def test_profile_save_load_roundtrip(tmp_path):
 def test_norm_stats_shapes(arch):
     model, tok = tiny_model(arch), tiny_tokenizer()
     adapter = adapter_for(model)
-    acc = _NormAccumulator(adapter, 2, 64, "cpu", gram=True)
-    collect(model, tok, _seqs(3), ProfileConfig(), norm_acc=acc)
+    acc = DietObserver(adapter, model.config, "norm-out", [""], gram=True)
+    engine.run(model, engine.make_batches(_seqs(3), 8, tok), [acc])
     assert acc.in_sq.shape == (2, len(adapter.residual_norms), 64) and (acc.in_sq > 0).all()
     assert acc.gram.shape == (2, len(adapter.reader_norms()), 64, 64)
     # a Gram matrix is symmetric positive semi-definite

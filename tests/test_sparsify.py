@@ -9,7 +9,9 @@ from dietprune.adapters import adapter_for, get_module
 from dietprune.errors import DietpruneError
 from dietprune.sparsify import SparsifyConfig, sparsify
 from dietprune.sparsify import fusion, loop
-from dietprune.sparsify.loop import InputStats, capture, prunable_linears, prune_linear, run_block
+from dietprune.engine import ActivationStore, Batch, capture, output_tensor
+from dietprune.sparsify.loop import prunable_linears, prune_linear
+from dietprune.stats import Moments
 from dietprune.sparsify.metrics import nm_holds, nm_mask, unstructured_mask, wanda_scores
 from dietprune.sparsify.sparsegpt import sparsegpt_prune
 from tiny import tiny_model
@@ -209,10 +211,10 @@ def test_exclusive_channels_and_fused_norms():
 def test_fusion_protects_task_exclusive_channel():
     w = torch.ones(4, 8)
     w[:, 0] = 0.5  # smallest weights sit on channel 0
-    general = InputStats(torch.ones(8, dtype=torch.float64) * 10, None, 10)
+    general = Moments(sq=torch.ones(8, dtype=torch.float64) * 10, count=10)
     task_sq = torch.ones(8, dtype=torch.float64) * 10
     task_sq[0] = 1000.0  # channel 0 is ten times louder on task data
-    task = InputStats(task_sq, None, 10)
+    task = Moments(sq=task_sq, count=10)
     plain, _ = prune_linear(w, general, None, SparsifyConfig(sparsity=0.25))
     fused, rec = prune_linear(w, general, task, SparsifyConfig(sparsity=0.25, tasks="boolq", fuse=True))
     assert (plain[:, 0] == 0).all()
@@ -250,26 +252,28 @@ def test_fusion_changes_masks_on_real_task_data(data_dir):
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "llama", "qwen2"])
 def test_captured_calls_reproduce_the_model(arch):
-    """Block inputs replayed from the capture equal what the full forward feeds every block."""
+    """Block inputs replayed from the engine's capture equal what the full forward feeds every block."""
     model = tiny_model(arch)
     adapter = adapter_for(model)
     seqs = [[1, 5, 9, 14, 20, 33], [1, 7, 7, 40], [1, 60, 61, 62, 63, 64, 65, 66]]
-    batches = capture(model, adapter, seqs, batch_size=3, pad_id=0)
-    seen = []
-    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-             for b in adapter.blocks(model)]
     from dietprune.encoding import batches as make_batches
 
     ids, attn = next(make_batches(seqs, 3, 0))
+    store = ActivationStore(1)
+    calls = capture(model, adapter, [Batch(ids, attn, attn.bool())], store, "cpu")
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+             for b in adapter.blocks(model)]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=attn, use_cache=False)
     for h in hooks:
         h.remove()
-    batch = batches[0]
+    hidden, mask = store.get(0), attn.bool()
     with torch.no_grad():
         for i, block in enumerate(adapter.blocks(model)):
-            batch.hidden = run_block(block, i, batch)
-            torch.testing.assert_close(batch.hidden[batch.mask], seen[i][batch.mask])
+            args, kwargs = calls[0][i]
+            hidden = output_tensor(block(hidden, *args, **kwargs))
+            torch.testing.assert_close(hidden[mask], seen[i][mask])
 
 
 def test_cli_writes_checkpoint(tmp_path, capsys, data_dir):

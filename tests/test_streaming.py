@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from dietprune.errors import DietpruneError
 from dietprune.pipeline import profile, prune
-from dietprune.streaming import ActivationStore, Checkpoint
+from dietprune.engine import ActivationStore
+from dietprune.streaming import Checkpoint
 from tiny import ARCHS, tiny_model, tiny_tokenizer
 
 TASKS = "boolq,arc_easy"
@@ -101,13 +102,14 @@ def test_low_memory_errors(tmp_path, data_dir):
 
 def test_activation_store_on_disk_round_trips():
     shapes = [(2, 3, 4), (1, 5, 4)]
-    store = ActivationStore(shapes, directory=None), ActivationStore(shapes, directory="/tmp")
-    values = [torch.randn(s) for s in shapes]
+    store = ActivationStore(len(shapes), directory=None), ActivationStore(len(shapes), directory="/tmp")
+    values = [torch.randn(shapes[0]), torch.randn(shapes[1]).to(torch.bfloat16)]
     for st in store:
         for b, v in enumerate(values):
             st.put(b, v)
     for b, v in enumerate(values):
         assert torch.equal(store[0].get(b), v) and torch.equal(store[1].get(b), v)
+        assert store[1].get(b).dtype == v.dtype
     path = store[1].path
     store[1].close()
     import os

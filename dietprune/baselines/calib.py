@@ -8,18 +8,16 @@ forward pass of the dense model collects everything a method needs.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .. import engine
 from ..adapters import ModelAdapter, get_module
 from ..data import calibration_examples
-from ..encoding import batches, calibration_ids, wants_bos
+from ..encoding import calibration_ids, wants_bos
+from ..engine import Observer, make_batches, output_tensor
 from ..errors import DietpruneError
-from ..profile import token_mask
-from ..progress import progress
+from ..stats import Moments
 from ..tasks import parse_tasks
 from .scores import cosine_sum
 
@@ -38,109 +36,69 @@ def task_sequences(model, tokenizer, config, data_dir) -> list[list[int]]:
     return seqs
 
 
-@dataclass
-class InputMoments:
-    """Σx, Σx² per input feature of one linear layer, over `count` tokens."""
+class LinearInputs(Observer):
+    """Σx and Σx² of the input features of the named linears of every block (one Moments each)."""
 
-    s: torch.Tensor
-    sq: torch.Tensor
-    count: int = 0
+    def __init__(self, names: tuple[str, ...], device):
+        self.names, self.device = names, device
+        self.moments: dict[str, list[Moments]] = {n: [] for n in names}
 
+    def attach(self, block, index, run):
+        handles = []
+        for name in self.names:
+            lin = get_module(block, name)
+            mom = Moments.zeros(lin.in_features, sum=True, sq=True, device=self.device)
+            self.moments[name].append(mom)
+            handles.append(lin.register_forward_pre_hook(lambda m, args, mom=mom: mom.add(args[0][run.mask])))
+        return handles
 
-def _first(args, kwargs, name):
-    if args:
-        return args[0]
-    return kwargs[name]
-
-
-def _tensor(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-class _Pass:
-    def __init__(self):
-        self.mask: torch.Tensor | None = None
-        self.handles = []
+    def finish_model(self, model, run):
+        for name, moms in self.moments.items():
+            self.moments[name] = [m.cpu() for m in moms]
+            if not all(m.finite() for m in moms):
+                raise DietpruneError("non-finite activations (NaN/inf) during calibration")
 
 
-@contextlib.contextmanager
-def _removing(handles):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+class BlockCosine(Observer):
+    """Per decoder block: Σ over tokens of cos(block input, block output), and the token counts."""
+
+    def __init__(self, n_blocks: int):
+        self.sums = torch.zeros(n_blocks, dtype=torch.float64)
+        self.counts = [0] * n_blocks
+
+    def attach(self, block, index, run):
+        def hook(module, args, kwargs, output):
+            s, n = cosine_sum(args[0] if args else kwargs["hidden_states"], output_tensor(output), run.mask)
+            self.sums[index] += s
+            self.counts[index] += n
+
+        return [block.register_forward_hook(hook, with_kwargs=True)]
 
 
-@torch.no_grad()
-def run_calibration(model: nn.Module, tokenizer, sequences: list[list[int]], config, state: _Pass, desc: str) -> int:
-    """Forward every batch with `state.mask` set to its token mask; returns the token count."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bos = tokenizer.bos_token_id
-    tokens = 0
-    n_batches = -(-len(sequences) // config.batch_size)
-    with _removing(state.handles):
-        for ids, attn in progress(batches(sequences, config.batch_size, pad), total=n_batches, desc=desc):
-            ids, attn = ids.to(device), attn.to(device)
-            state.mask = token_mask(ids, attn, config.skip_bos, bos)
-            model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-            tokens += int(state.mask.sum())
-    if tokens == 0:
+def _batches(tokenizer, sequences, config):
+    batches = make_batches(sequences, config.batch_size, tokenizer, skip_bos=config.skip_bos)
+    if sum(int(b.mask.sum()) for b in batches) == 0:
         raise DietpruneError("no calibration tokens after masking")
-    return tokens
+    return batches
 
 
 @torch.no_grad()
 def linear_input_moments(model: nn.Module, adapter: ModelAdapter, tokenizer, sequences, config,
-                         names: tuple[str, ...], desc: str) -> dict[str, list[InputMoments]]:
+                         names: tuple[str, ...], desc: str) -> dict[str, list[Moments]]:
     """For each block-relative linear name: per layer, Σx and Σx² of its input features."""
-    state = _Pass()
-    out: dict[str, list[InputMoments]] = {}
-    device = next(model.parameters()).device
-    for name in names:
-        out[name] = []
-        for block in adapter.blocks(model):
-            lin = get_module(block, name)
-            mom = InputMoments(torch.zeros(lin.in_features, dtype=torch.float64, device=device),
-                               torch.zeros(lin.in_features, dtype=torch.float64, device=device))
-            out[name].append(mom)
-
-            def hook(module, args, mom=mom):
-                x = args[0][state.mask].to(torch.float64)
-                mom.s += x.sum(0)
-                mom.sq += (x * x).sum(0)
-                mom.count += x.shape[0]
-
-            state.handles.append(lin.register_forward_pre_hook(hook))
-    run_calibration(model, tokenizer, sequences, config, state, desc)
-    for moms in out.values():
-        for m in moms:
-            m.s, m.sq = m.s.cpu(), m.sq.cpu()
-            if not (torch.isfinite(m.s).all() and torch.isfinite(m.sq).all()):
-                raise DietpruneError("non-finite activations (NaN/inf) during calibration")
-    return out
+    obs = LinearInputs(names, next(model.parameters()).device)
+    engine.run(model, _batches(tokenizer, sequences, config), [obs], desc=desc)
+    return obs.moments
 
 
 @torch.no_grad()
 def block_cosine_sums(model: nn.Module, adapter: ModelAdapter, tokenizer, sequences, config,
                       desc: str = "block influence") -> tuple[torch.Tensor, int]:
     """Per decoder block: Σ over tokens of cos(block input, block output), and the token count."""
-    state = _Pass()
-    blocks = adapter.blocks(model)
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
-    counts = [0] * len(blocks)
-    for i, block in enumerate(blocks):
-        def hook(module, args, kwargs, output, i=i):
-            x = _first(args, kwargs, "hidden_states")
-            s, n = cosine_sum(x, _tensor(output), state.mask)
-            sums[i] += s
-            counts[i] += n
-
-        state.handles.append(block.register_forward_hook(hook, with_kwargs=True))
-    run_calibration(model, tokenizer, sequences, config, state, desc)
-    if len(set(counts)) != 1:
+    obs = BlockCosine(len(adapter.blocks(model)))
+    engine.run(model, _batches(tokenizer, sequences, config), [obs], desc=desc)
+    if len(set(obs.counts)) != 1:
         raise DietpruneError("decoder blocks saw different token counts during calibration")
-    if not torch.isfinite(sums).all():
+    if not torch.isfinite(obs.sums).all():
         raise DietpruneError("non-finite activations (NaN/inf) during calibration")
-    return sums, counts[0]
+    return obs.sums, obs.counts[0]

@@ -172,8 +172,8 @@ def flap(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     for i, block in enumerate(adapter.blocks(model)):
         o, down = get_module(block, adapter.o_proj).weight, get_module(block, adapter.mlp_out).weight
         mo, md = moms[adapter.o_proj][i], moms[adapter.mlp_out][i]
-        group_scores.append(S.group_sums(S.fluctuation(S.variance_from_sums(mo.s, mo.sq, mo.count), o), G))
-        channel_scores.append(S.fluctuation(S.variance_from_sums(md.s, md.sq, md.count), down))
+        group_scores.append(S.group_sums(S.fluctuation(S.variance_from_sums(mo.sum, mo.sq, mo.count), o), G))
+        channel_scores.append(S.fluctuation(S.variance_from_sums(md.sum, md.sq, md.count), down))
     attn_z, mlp_z = S.standardize(torch.stack(group_scores)), S.standardize(torch.stack(channel_scores))
     to_remove = budget.params(G, C) - (1.0 - config.sparsity) * budget.total
     share = global_attention_share(attn_z, mlp_z, budget.group_cost, budget.channel_cost, to_remove)
@@ -195,8 +195,8 @@ def flap(model, config: PruneConfig, ctx: MethodContext) -> Selection:
         keep_o[group_rows(kept_g[i], rows)] = True
         keep_d = torch.zeros(down.shape[1], dtype=torch.bool)
         keep_d[kept_c[i]] = True
-        deltas_o.append(S.compensation_bias(o, mo.s / mo.count, (~keep_o).nonzero().flatten()))
-        deltas_d.append(S.compensation_bias(down, md.s / md.count, (~keep_d).nonzero().flatten()))
+        deltas_o.append(S.compensation_bias(o, mo.sum / mo.count, (~keep_o).nonzero().flatten()))
+        deltas_d.append(S.compensation_bias(down, md.sum / md.count, (~keep_d).nonzero().flatten()))
 
     def apply(net):
         prune_kv_groups_(net, adapter, kept_g)

@@ -1,13 +1,11 @@
-"""The block-by-block sparsification loop.
+"""Block-by-block sparsification: one observer of the calibration engine (``dietprune.engine``).
 
-1. Run the calibration batches (general data, and with fusion task data) through the model up to
-   the first decoder block; keep that block's inputs and the arguments every block is called with.
-2. For each block: hook the first linear of every group of linears that read the same tensor,
-   run the block on all batches and add sum x_j^2 per input channel and the token count (and
-   X X^T for SparseGPT) into float64 sums, separately for general and task data, padding excluded.
-3. Prune every linear of the block (q, k, v, o, MLP in and out) from those sums.
-4. Run the pruned block again: its outputs are the next block's inputs. Only one block's inputs
-   are held in memory.
+The engine runs the calibration batches (general data, tagged "general", and with fusion task
+data, tagged "task") block by block. For each block `LinearStats` hooks the first linear of every
+group of linears that read the same tensor and adds Σx_j² per input channel and the token count
+(and XXᵀ for SparseGPT) into float64 sums per tag, padding excluded; then every linear of the
+block (q, k, v, o, MLP in and out) is pruned from those sums, and the engine reruns the pruned
+block so the next block sees its outputs. Only one block's inputs are held.
 """
 
 from __future__ import annotations
@@ -19,10 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import engine
 from ..adapters import ModelAdapter, adapter_for, get_module
 from ..data import calibration_examples, load_rows
-from ..encoding import batches, calibration_ids, encode, wants_bos
+from ..encoding import calibration_ids, encode, wants_bos
+from ..engine import Observer, make_batches
 from ..errors import DietpruneError
+from ..stats import Moments
 from ..progress import progress
 from ..tasks import get_task, parse_tasks
 from .config import SparsifyConfig
@@ -74,128 +75,40 @@ def task_sequences(tokenizer, tasks, samples: int, seed: int, add_bos: bool, max
     return out
 
 
-# ---- capture and statistics ----------------------------------------------------------------
+# ---- statistics ----------------------------------------------------------------------------
 
-@dataclass
-class Batch:
-    """One calibration batch at the current block: its input, token mask, and per-block call arguments."""
+class LinearStats(Observer):
+    """Σx² (and Σxxᵀ with `gram`: True, or the tags that need it) of the input of the first linear of
+    every input group, per batch tag.
 
-    hidden: torch.Tensor
-    mask: torch.Tensor
-    calls: list  # per block: (args after hidden_states, kwargs)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _skip(*args, **kwargs):
-    """Stand-in forward of a decoder block during capture: pass the hidden states through."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@torch.no_grad()
-def capture(model: nn.Module, adapter: ModelAdapter, sequences: list[list[int]], batch_size: int,
-            pad_id: int) -> list[Batch]:
-    """Block-0 inputs and every block's call arguments, without computing any decoder block.
-
-    Each block's forward is replaced by a pass-through for the duration of the capture (its
-    pre-hook still sees the arguments the model builds for it: masks, rotary embeddings).
+    `stats[tag][group]` holds the current block's Moments; `on_block(block, index, stats)` (the
+    pruning step) runs in `finish_block`, and the block is rerun when it returns True.
     """
-    blocks = adapter.blocks(model)
-    device = next(model.parameters()).device
-    out: list[Batch] = []
-    calls: list = [None] * len(blocks)
-    first: dict = {}
 
-    def hook(index):
-        def fn(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == 0:
-                first["hidden"] = hidden
-            calls[index] = (tuple(args[1:]), kwargs)
-            if index == len(blocks) - 1:
-                raise _Stop
+    def __init__(self, groups: list[tuple[str, ...]], tags: list[str], gram: bool, on_block=None):
+        self.groups, self.tags, self.gram, self.on_block = groups, tags, gram, on_block
+        self.stats: dict[str, dict[tuple, Moments]] = {}
 
-        return fn
+    def attach(self, block, index, run):
+        self.stats = {}
+        for tag in self.tags:
+            self.stats[tag] = {}
+            for g in self.groups:
+                lin = get_module(block, g[0])
+                gram = self.gram if isinstance(self.gram, bool) else tag in self.gram
+                self.stats[tag][g] = Moments.zeros(lin.in_features, sq=True, gram=gram,
+                                                   device=lin.weight.device)
+        return [get_module(block, g[0]).register_forward_pre_hook(
+            lambda m, args, g=g: self.stats[run.tag][g].add(args[0][run.mask])) for g in self.groups]
 
-    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    for b in blocks:
-        b.forward = _skip
-    try:
-        for ids, attn in batches(sequences, batch_size, pad_id):
-            ids, attn = ids.to(device), attn.to(device)
-            try:
-                model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-            except _Stop:
-                pass
-            out.append(Batch(first.pop("hidden"), attn.bool(), list(calls)))
-    finally:
-        for h in handles:
-            h.remove()
-        for b in blocks:
-            del b.forward
-    return out
-
-
-def run_block(block: nn.Module, index: int, batch: Batch) -> torch.Tensor:
-    args, kwargs = batch.calls[index]
-    out = block(batch.hidden, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@dataclass
-class InputStats:
-    """Float64 sums over non-padding tokens of one linear's input: sum x_j^2, X X^T (optional), count."""
-
-    sq: torch.Tensor
-    gram: torch.Tensor | None
-    count: int = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        self.sq += x.to(torch.float64).pow(2).sum(0)
-        if self.gram is not None:
-            xf = x.to(torch.float32)
-            self.gram += (xf.T @ xf).to(torch.float64)
-        self.count += x.shape[0]
-
-
-@torch.no_grad()
-def block_statistics(block: nn.Module, index: int, groups: list[tuple[str, ...]], data: dict[str, list[Batch]],
-                     gram: bool) -> dict[str, dict[tuple, InputStats]]:
-    """Run every batch of every source through `block` and sum its linears' input statistics."""
-    stats: dict[str, dict[tuple, InputStats]] = {}
-    state: dict = {}
-
-    def hook(group):
-        def fn(module, args):
-            x = args[0][state["mask"]]
-            stats[state["source"]][group].add(x)
-
-        return fn
-
-    handles = [get_module(block, g[0]).register_forward_pre_hook(hook(g)) for g in groups]
-    try:
-        for source, items in data.items():
-            stats[source] = {}
-            for g in groups:
-                d = get_module(block, g[0]).in_features
-                dev = get_module(block, g[0]).weight.device
-                stats[source][g] = InputStats(torch.zeros(d, dtype=torch.float64, device=dev),
-                                              torch.zeros(d, d, dtype=torch.float64, device=dev) if gram else None)
-            state["source"] = source
-            for batch in items:
-                state["mask"] = batch.mask
-                run_block(block, index, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    for source in stats:
-        for g, st in stats[source].items():
-            if not torch.isfinite(st.sq).all():
-                raise DietpruneError(f"non-finite activations (NaN/inf) entering block {index} {g[0]}")
-    return stats
+    def finish_block(self, block, index, run):
+        for tag in self.stats:
+            for g, st in self.stats[tag].items():
+                if not torch.isfinite(st.sq).all():
+                    raise DietpruneError(f"non-finite activations (NaN/inf) entering block {index} {g[0]}")
+        changed = bool(self.on_block(block, index, self.stats)) if self.on_block is not None else False
+        self.stats = {}
+        return changed
 
 
 # ---- pruning one linear ------------------------------------------------------------------
@@ -209,7 +122,7 @@ def relative_error(w: torch.Tensor, w_new: torch.Tensor, gram: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def prune_linear(weight: torch.Tensor, general: InputStats, task: InputStats | None,
+def prune_linear(weight: torch.Tensor, general: Moments, task: Moments | None,
                  config: SparsifyConfig) -> tuple[torch.Tensor, dict]:
     """New weight of one linear layer and a record of what happened."""
     nm = config.nm
@@ -312,30 +225,27 @@ def sparsify_model(model: nn.Module, tokenizer, config: SparsifyConfig, data_dir
     if config.fuse:
         sequences["task"] = task_sequences(tokenizer, config.tasks, config.task_samples, config.seed, add_bos,
                                            config.max_length, data_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    data = {src: capture(model, adapter, seqs, config.batch_size, pad) for src, seqs in sequences.items()}
+    data = [b for src, seqs in sequences.items() for b in make_batches(seqs, config.batch_size, tokenizer, src)]
     report.sequences = {src: len(seqs) for src, seqs in sequences.items()}
-    report.tokens = {src: int(sum(b.mask.sum() for b in items)) for src, items in data.items()}
-    report.seconds["capture"] = round(time.perf_counter() - t0, 2)
+    report.tokens = {src: int(sum(b.mask.sum() for b in data if b.tag == src)) for src in sequences}
 
-    t0 = time.perf_counter()
-    gram = config.method == "sparsegpt" or record_error
-    for i, block in enumerate(progress(blocks, desc=f"sparsify {config.method}")):
-        stats = block_statistics(block, i, groups, data, gram)
+    def prune_block(block, i, stats):
         for n in names:
             lin = get_module(block, n)
             g = group_of[n]
             new, rec = prune_linear(lin.weight, stats["general"][g], stats.get("task", {}).get(g), config)
             lin.weight.copy_(new)
             report.layers[f"{adapter.layers}.{i}.{n}"] = rec
-        del stats
-        for items in data.values():
-            for batch in items:
-                batch.hidden = run_block(block, i, batch)
-    report.seconds["prune"] = round(time.perf_counter() - t0, 2)
+        return True
+
+    gram = config.method == "sparsegpt" or record_error
+    obs = LinearStats(groups, list(sequences), gram, prune_block)
+    run = engine.run(model, data, [obs], desc=f"sparsify {config.method}")
+    report.seconds["capture"] = round(time.perf_counter() - t0 - sum(run.block_seconds), 2)
+    report.seconds["prune"] = round(sum(run.block_seconds), 2)
     return report
 
 
-def _unit_stats(lin: nn.Linear) -> InputStats:
+def _unit_stats(lin: nn.Linear) -> Moments:
     """Magnitude without calibration: statistics that play no role (unit activations)."""
-    return InputStats(torch.ones(lin.in_features, dtype=torch.float64), None, 1)
+    return Moments(sq=torch.ones(lin.in_features, dtype=torch.float64), count=1)
