@@ -11,8 +11,8 @@ Pooled over tasks (for the least-squares fold of ``diet-width``'s repair): Σx a
 input of ``down_proj`` and of ``o_proj`` in every block.
 
 Everything is a float64 sum plus a token count, so shards, processes and tasks add up exactly.
-The observer keeps its own hooks per block (``attach_block``), so it can follow any forward
-loop that runs blocks one at a time, or the whole model at once (``attach``).
+``WidthObserver`` collects them as an observer of the block-sequential engine (``engine.py``),
+in the same pass as DIET's hidden-dimension statistics.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, get_module
+from .engine import Observer
 from .errors import DietpruneError
 
 
@@ -54,15 +55,15 @@ class WidthTaskStats:
 
 
 @dataclass
-class Moments:
+class GramSums:
     """Σx [L, n] and Σxxᵀ [L, n, n] of one linear layer's input in every block, over `count` tokens."""
 
     s: torch.Tensor
     gram: torch.Tensor
     count: int = 0
 
-    def __add__(self, other: "Moments") -> "Moments":
-        return Moments(self.s + other.s, self.gram + other.gram, self.count + other.count)
+    def __add__(self, other: "GramSums") -> "GramSums":
+        return GramSums(self.s + other.s, self.gram + other.gram, self.count + other.count)
 
 
 @dataclass
@@ -71,8 +72,8 @@ class WidthProfile:
 
     tasks: dict[str, WidthTaskStats]
     head_dim: int
-    mlp: Moments | None = None  # input of down_proj
-    attn: Moments | None = None  # input of o_proj
+    mlp: GramSums | None = None  # input of down_proj
+    attn: GramSums | None = None  # input of o_proj
     meta: dict = field(default_factory=dict)
 
     def __add__(self, other: "WidthProfile") -> "WidthProfile":
@@ -114,18 +115,17 @@ class WidthProfile:
                                       counts[name]) for name in header["tasks"]}
         moms = {}
         for key in ("mlp", "attn"):
-            moms[key] = (Moments(get(f"width/{key}/s"), get(f"width/{key}/gram"), counts[f"__{key}__"])
+            moms[key] = (GramSums(get(f"width/{key}/s"), get(f"width/{key}/gram"), counts[f"__{key}__"])
                          if f"width/{key}/gram" in keys else None)
         return cls(tasks, int(header["head_dim"]), moms["mlp"], moms["attn"], header.get("meta", {}))
 
 
-class WidthObserver:
-    """Forward pre-hooks on ``o_proj`` and ``down_proj`` that add into the width sums.
+class WidthObserver(Observer):
+    """The width statistics as an observer of the block-sequential engine (``engine.run``).
 
-    Use: ``attach(model)`` (or ``attach_block(block, i)`` per block as a block-wise loop reaches
-    it), then for each batch set ``mask`` (the [batch, seq] bool mask of counted tokens) and
-    ``task`` (the task the batch belongs to) before the forward, and ``finish()`` at the end.
-    ``detach()`` removes the hooks.
+    Hooks (forward pre-hooks on ``o_proj`` and ``down_proj`` of every block) read the engine's
+    ``run.mask`` (counted tokens of the current batch) and ``run.tag`` (its task). Token counts
+    come from the batches afterwards (``finish``), as DIET's observer does.
     """
 
     def __init__(self, adapter: ModelAdapter, model_config, tasks: list[str], device=None, moments: bool = True):
@@ -133,27 +133,17 @@ class WidthObserver:
         L = int(getattr(model_config, adapter.layers_key))
         heads = int(getattr(model_config, adapter.heads_key))
         inter = int(getattr(model_config, adapter.intermediate_key))
-        self.heads = heads
+        self.heads, self.layers, self.inter = heads, L, inter
         self.head_dim = None  # read from o_proj at attach time (configs without head_dim derive it)
-        self.layers, self.inter = L, inter
         self.device = device
         self.moments = moments
-        self.mask: torch.Tensor | None = None
-        self.task: str | None = None
         z = dict(dtype=torch.float64, device=device)
-        self.stats = {t: WidthTaskStats(torch.zeros(L, inter, **z), torch.zeros(L, heads, **z), 0) for t in tasks}
-        self.mlp = Moments(torch.zeros(L, inter, **z), torch.zeros(L, inter, inter, **z)) if moments else None
+        self.mlp_abs = {t: torch.zeros(L, inter, **z) for t in tasks}
+        self.head_norm = {t: torch.zeros(L, heads, **z) for t in tasks}
+        self.mlp = GramSums(torch.zeros(L, inter, **z), torch.zeros(L, inter, inter, **z)) if moments else None
         self.attn = None
-        self._counted: set[int] = set()  # layers whose token count this batch already went into
-        self.handles: list = []
 
-    def _attn_moments(self, width: int) -> Moments:
-        if self.attn is None:
-            z = dict(dtype=torch.float64, device=self.device)
-            self.attn = Moments(torch.zeros(self.layers, width, **z), torch.zeros(self.layers, width, width, **z))
-        return self.attn
-
-    def attach_block(self, block: nn.Module, index: int) -> list:
+    def attach(self, block: nn.Module, index: int, run) -> list:
         o = get_module(block, self.adapter.o_proj)
         down = get_module(block, self.adapter.mlp_out)
         if o.in_features % self.heads:
@@ -164,72 +154,55 @@ class WidthObserver:
         self.head_dim = hd
         if down.in_features != self.inter:
             raise DietpruneError(f"down_proj reads {down.in_features} features, intermediate_size is {self.inter}")
-        if self.moments:
-            self._attn_moments(o.in_features)
-        new = [o.register_forward_pre_hook(self._attn_hook(index)),
-               down.register_forward_pre_hook(self._mlp_hook(index))]
-        self.handles += new
-        return new
+        if self.moments and self.attn is None:
+            z = dict(dtype=torch.float64, device=self.device)
+            self.attn = GramSums(torch.zeros(self.layers, o.in_features, **z),
+                                torch.zeros(self.layers, o.in_features, o.in_features, **z))
+        return [o.register_forward_pre_hook(self._attn_hook(index, run)),
+                down.register_forward_pre_hook(self._mlp_hook(index, run))]
 
-    def attach(self, model: nn.Module) -> list:
-        new = []
-        for i, block in enumerate(self.adapter.blocks(model)):
-            new += self.attach_block(block, i)
-        return new
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _tokens(self, args) -> torch.Tensor:
-        if self.task is None or self.mask is None:
-            raise DietpruneError("width observer: set task and mask before each forward")
+    @staticmethod
+    def _tokens(args, run) -> torch.Tensor:
         x = args[0]
-        return x[self.mask.to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+        return x[run.mask.to(x.device)].float()
 
-    def _attn_hook(self, layer: int):
+    def _attn_hook(self, layer: int, run):
         def fn(module, args):
-            x = self._tokens(args).float()
-            st = self.stats[self.task]
-            norms = x.view(x.shape[0], self.heads, -1).norm(dim=-1)  # [N, H]
-            st.head_norm[layer] += norms.sum(0, dtype=torch.float64).to(st.head_norm.device)
+            x = self._tokens(args, run)
+            sink = self.head_norm[run.tag]
+            sink[layer] += x.view(x.shape[0], self.heads, -1).norm(dim=-1).sum(0, dtype=torch.float64).to(sink.device)
             if self.attn is not None:
                 self.attn.s[layer] += x.sum(0, dtype=torch.float64).to(self.attn.s.device)
                 self.attn.gram[layer] += (x.T @ x).to(self.attn.gram.device, torch.float64)
 
         return fn
 
-    def _mlp_hook(self, layer: int):
+    def _mlp_hook(self, layer: int, run):
         def fn(module, args):
-            x = self._tokens(args).float()
-            st = self.stats[self.task]
-            st.mlp_abs[layer] += x.abs().sum(0, dtype=torch.float64).to(st.mlp_abs.device)
+            x = self._tokens(args, run)
+            sink = self.mlp_abs[run.tag]
+            sink[layer] += x.abs().sum(0, dtype=torch.float64).to(sink.device)
             if self.mlp is not None:
                 self.mlp.s[layer] += x.sum(0, dtype=torch.float64).to(self.mlp.s.device)
                 self.mlp.gram[layer] += (x.T @ x).to(self.mlp.gram.device, torch.float64)
 
         return fn
 
-    def count_batch(self, tokens: int) -> None:
-        """Add a finished batch's token count (every hooked layer saw the same tokens)."""
-        self.stats[self.task].count += int(tokens)
-        for mom in (self.mlp, self.attn):
-            if mom is not None:
-                mom.count += int(tokens)
-
-    def finish(self, reduce=None) -> WidthProfile:
-        """The statistics so far; `reduce` (e.g. ``distributed.all_reduce``) sums tensors over processes."""
+    def finish(self, batches, reduce=None) -> WidthProfile:
+        """The statistics of the pass over `batches` (engine.Batch: tag and token mask);
+        `reduce` (e.g. ``distributed.all_reduce``) sums the tensors over processes."""
         reduce = reduce or (lambda t: t)
 
         def red_count(n):
             return int(reduce(torch.tensor([n], dtype=torch.float64))[0])
 
-        tasks = {t: WidthTaskStats(reduce(st.mlp_abs.cpu()), reduce(st.head_norm.cpu()), red_count(st.count))
-                 for t, st in self.stats.items()}
+        counts = {t: sum(int(b.mask.sum()) for b in batches if b.tag == t) for t in self.mlp_abs}
+        tasks = {t: WidthTaskStats(reduce(self.mlp_abs[t].cpu()), reduce(self.head_norm[t].cpu()), red_count(counts[t]))
+                 for t in self.mlp_abs}
+        total = sum(counts.values())
 
         def red(m):
-            return None if m is None else Moments(reduce(m.s.cpu()), reduce(m.gram.cpu()), red_count(m.count))
+            return None if m is None else GramSums(reduce(m.s.cpu()), reduce(m.gram.cpu()), red_count(total))
 
         out = WidthProfile(tasks, int(self.head_dim or 0), red(self.mlp), red(self.attn))
         for st in out.tasks.values():

@@ -33,22 +33,14 @@ def _logits(model, ids):
 
 @torch.no_grad()
 def _observe(model, ids, tasks=("t",)):
-    """Width statistics of `model` on `ids` (all tokens counted), as a one-task WidthProfile."""
-    adapter = adapter_for(model)
-    obs = WidthObserver(adapter, model.config, list(tasks))
-    obs.attach(model)
-    obs.task, obs.mask = tasks[0], torch.ones(ids.shape, dtype=torch.bool)
-    model(input_ids=ids)
-    obs.count_batch(ids.numel())
-    obs.detach()
-    return obs.finish()
+    """Width statistics of `model` on `ids` (all tokens counted) from one engine pass, as a one-task
+    WidthProfile."""
+    from dietprune import engine
 
-
-class _Prof:
-    """The two parts of a Profile the width repair reads."""
-
-    def __init__(self, widths, norms=None):
-        self.widths, self.norms = widths, norms
+    batches = [engine.Batch(ids, torch.ones_like(ids), torch.ones(ids.shape, dtype=torch.bool), tasks[0])]
+    obs = WidthObserver(adapter_for(model), model.config, list(tasks))
+    engine.run(model, batches, [obs])
+    return obs.finish(batches)
 
 
 # ---- pure parts -----------------------------------------------------------------------------
@@ -302,3 +294,11 @@ def test_scores_file_holds_every_axis_and_prune_reuses_it(tok, data_dir, tmp_pat
             max_length=32, batch_size=4)
     with pytest.raises(DietpruneError, match="width statistics"):
         prune(model, tokenizer=tok, sparsity=0.2, method="diet-width", data_dir=data_dir, scores=plain, **RUN)
+
+
+def test_sparsity_zero_keeps_the_model(tok, data_dir):  # noqa: F811
+    model = wide_model("qwen3")
+    res = prune(model, tokenizer=tok, sparsity=0.0, method="diet-width", data_dir=data_dir, **RUN)
+    assert res.summary["params_after"] == param_count(model)
+    torch.testing.assert_close(_logits(res.model, _ids()), _logits(model, _ids()), rtol=0, atol=0)
+    assert len(res.selection["candidates"]) == 1
