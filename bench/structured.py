@@ -62,7 +62,7 @@ SCHEMA = "dietprune-structured-study/1"
 BASELINES = ("random", "magnitude", "agnostic", "wanda-sp", "flap", "shortgpt")
 DIET_VARIANTS = ("diet", "diet-norepair", "diet-mean", "diet-rank")
 ALL_METHODS = ("diet", "diet-norepair", "random", "magnitude", "agnostic", "diet-mean", "diet-rank",
-               "wanda-sp", "flap", "shortgpt")
+               "wanda-sp", "flap", "shortgpt", "diet-width")
 LABELS = {"diet-norepair": ("diet", {"repair": "none"})}  # label -> (registry method, PruneConfig overrides)
 # How the hidden dimension is chosen: these cells have `kept`; the others cut heads, channels or layers.
 HIDDEN_DIM = {"diet", "diet-norepair", "diet-mean", "diet-rank", "random", "magnitude", "agnostic"}
@@ -133,7 +133,22 @@ def task_summary(metrics: dict) -> dict:
 
 # Methods whose only calibration is the task profile (mask and/or the rms/ls repairs): their profile
 # depends on (model, samples, seed, tap) alone, so one profile serves every sparsity and merge.
-PROFILE_SHARED = {"diet", "diet-mean", "diet-rank", "random", "magnitude"}
+PROFILE_SHARED = {"diet", "diet-mean", "diet-rank", "random", "magnitude", "diet-width"}
+# ... and these also need the MLP-channel / head statistics in it.
+WIDTH_PROFILE = {"diet-width"}
+
+
+def heldout_perplexity(model, tokenizer, data_dir, max_tokens) -> float | None:
+    """Token perplexity on wikitext2/eval.jsonl (2048-token windows, as `perplexity`), None without local data."""
+    from dietprune.data import data_dir as resolve
+    from dietprune.evaluate.runner import _token_perplexity
+
+    root = resolve(data_dir)
+    path = root / "wikitext2" / "eval.jsonl" if root else None
+    if path is None or not path.is_file():
+        return None
+    rows = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return _token_perplexity(model, tokenizer, rows, max_tokens, 2048, 1, False)[0]
 
 
 def task_profile(cache: dict | None, lm, spec: dict, method: str, opts: dict, settings: dict, data_dir):
@@ -149,10 +164,14 @@ def task_profile(cache: dict | None, lm, spec: dict, method: str, opts: dict, se
     if cache is None or method not in PROFILE_SHARED or opts.get("repair", DietConfig.repair) not in (
             "none", "rms", "ls", "rms+ls"):
         return None
+    widths = method in WIDTH_PROFILE
     key = (spec["model"], opts["samples"], spec["seed"], opts.get("tap", DEFAULT_TAP))
+    if key in cache and widths and cache[key].widths is None:
+        del cache[key]  # profiled without the width statistics: profile again with them
     if key not in cache:  # with Gram statistics, so one profile also serves the ls repair
         cache[key] = profile(lm, settings["tasks"], samples=opts["samples"], seed=spec["seed"],
-                             tap=opts.get("tap", DEFAULT_TAP), data_dir=data_dir, gram=True)
+                             tap=opts.get("tap", DEFAULT_TAP), data_dir=data_dir, gram=True,
+                             **({"widths": True} if widths else {}))
     return cache[key]
 
 
@@ -195,6 +214,9 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
         cell["prune_seconds"] = res.summary.get("seconds", {})
         if res.kept is not None:
             cell["kept"] = [int(i) for i in res.kept.tolist()]
+        if method == "diet-width":  # the chosen split and every candidate's KL
+            cell["width"] = {k: res.selection.get(k) for k in ("shape_before", "shape_after", "split", "candidates",
+                                                               "chosen", "kl_probe", "search_seconds")}
         if res.profile is not None and method == "diet" and not spec["variant"] and spec["label"] == "diet":
             scores = res.profile.score_matrix()
             votes = merge(scores, spec["sparsity"], "vote", width_align(lm.model, res.config)).votes
@@ -207,14 +229,20 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
                       log_samples=True)
         t2 = time.perf_counter()
         ppl = perplexity(model, lm.tokenizer, data_dir, max_tokens=settings["ppl_tokens"] or None)
-    t3 = time.perf_counter()
+        t3 = time.perf_counter()
+        ppl_eval = heldout_perplexity(model, lm.tokenizer, data_dir, settings["ppl_tokens"] or None)
+    t4 = time.perf_counter()
     cell["tasks"] = task_summary(ev["tasks"])
     # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
     cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
+    # WikiText-2 perplexity on eval.jsonl (the rows no method calibrates on; `ppl` reads test.jsonl,
+    # whose first quarter is wikitext2/calib.jsonl)
+    cell["ppl_eval"] = _finite(float(ppl_eval)) if ppl_eval is not None else None
     cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
     cell["ppl"] = _finite(float(ppl))
     cell["seconds"] = {"prune": round(t1 - t0, 1), "eval": round(t2 - t1, 1), "ppl": round(t3 - t2, 1),
-                       "total": round(t3 - t0, 1), "eval_per_task": ev["meta"].get("seconds", {})}
+                       "ppl_eval": round(t4 - t3, 1), "total": round(t4 - t0, 1),
+                       "eval_per_task": ev["meta"].get("seconds", {})}
     cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     del model, res
     gc.collect()
@@ -259,7 +287,7 @@ def plan(cfg: dict, cells: dict, infeasible=()) -> list[tuple[str, int, str | No
     if "seeds" in parts:
         for m in models:
             top = strongest_baselines(cells, m, sp0, methods, infeasible=infeasible)
-            chosen = ["diet"] + (top if top is not None else [None, None])
+            chosen = ["diet", "diet-width"] + (top if top is not None else [None, None])
             for label in chosen:
                 for s in seeds:
                     add("seeds", None if label is None else cell_key(m, label, sp0, s))

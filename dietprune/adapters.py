@@ -127,6 +127,42 @@ class ModelAdapter:
                 return "other", int(index), inner
         return "other", None, module
 
+    # ---- the width axes (diet-width) -------------------------------------------------
+    def head_layout(self, model: nn.Module) -> tuple[int, int, int]:
+        """(query heads, KV heads, head_dim) of the model, the same in every layer."""
+        cfg = model.config
+        heads, kv = int(getattr(cfg, self.heads_key)), int(getattr(cfg, self.kv_heads_key))
+        q = get_module(self.blocks(model)[0], self.q_proj)
+        if heads % kv or q.out_features % heads:
+            raise DietpruneError(f"{heads} heads / {kv} KV heads / q_proj width {q.out_features} do not fit")
+        return heads, kv, q.out_features // heads
+
+    def width_axes(self, name: str, ndim: int) -> tuple[str | None, ...]:
+        """Which width each dimension of a state-dict tensor runs along.
+
+        'hidden' (the residual stream), 'q' (query-head features: q_proj rows, o_proj columns),
+        'kv' (k/v rows), 'mlp' (intermediate channels: gate/up rows, down_proj columns), or None
+        (a dimension no width cut changes: vocabulary, head_dim of q/k norms, ...). Weights are
+        [out, in]; a bias follows its layer's output side.
+        """
+        role, layer, module = self.locate(name)
+        if role == "embed":
+            return (None, "hidden")
+        if role == "final_norm":
+            return ("hidden",)
+        if role == "lm_head":
+            return (None, "hidden") if ndim == 2 else (None,)
+        if role == "norm":
+            return ("hidden",)
+        if role in ("reader", "writer", "other") and layer is not None:
+            out_in = {self.q_proj: ("q", "hidden"), self.k_proj: ("kv", "hidden"), self.v_proj: ("kv", "hidden"),
+                      self.o_proj: ("hidden", "q"), self.mlp_out: ("hidden", "mlp")}
+            out_in.update({n: ("mlp", "hidden") for n in self.mlp_in})
+            if module in out_in:
+                axes = out_in[module]
+                return axes if ndim == 2 else axes[:1]
+        return (None,) * ndim
+
     def check(self, model: nn.Module) -> None:
         """Every declared module must exist with the expected hidden width."""
         d = model.config.hidden_size

@@ -64,7 +64,9 @@ def _diet_tasks():
 def add_prune(sub):
     p = sub.add_parser("prune", help="profile, merge, cut and save a smaller checkpoint")
     _common_model_args(p)
-    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of hidden dimensions removed, in [0, 1)")
+    p.add_argument("--sparsity", type=float, default=0.2, help="fraction removed, in [0, 1): of hidden dimensions "
+                   "for diet (and the other hidden-dimension methods), of parameters for diet-width and the "
+                   "head/channel/layer baselines")
     p.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--method", default="diet", help="structured method (see `dietprune ls`)")
     p.add_argument("--scores", default=None, help="reuse a scores file written by `dietprune profile`")
@@ -165,6 +167,8 @@ def add_profile(sub):
     _common_model_args(p)
     p.add_argument("--output", required=True, help="scores file (.safetensors)")
     p.add_argument("--gram", action="store_true", help="also store Gram matrices for the least-squares repair")
+    p.add_argument("--widths", action="store_true",
+                   help="also store MLP-channel and attention-head statistics (for --method diet-width)")
 
     def run(args) -> int:
         from .pipeline import profile
@@ -172,8 +176,8 @@ def add_profile(sub):
         prof = profile(args.model, args.tasks, samples=args.samples, seed=args.seed, tap=args.tap,
                        data_dir=args.data_dir, output=args.output, batch_size=args.batch_size,
                        max_length=args.max_length, skip_bos=args.skip_bos, gram=args.gram,
-                       low_memory=args.low_memory, offload=args.offload, device_map=args.device_map,
-                       device=args.device)
+                       **({"widths": True} if args.widths else {}), low_memory=args.low_memory,
+                       offload=args.offload, device_map=args.device_map, device=args.device)
         tokens = prof.meta["tokens"]
         from .distributed import is_main, world_size
 

@@ -79,6 +79,12 @@ def load_rows(task: Task, role: str, data_dir_: str | os.PathLike | None = None)
 
 def calibration_examples(task: Task, samples: int, seed: int = 0, data_dir_=None) -> list[Example]:
     """`samples` seeded-random examples for profiling (text tasks: non-blank rows only)."""
+    examples, idx = _calibration_draw(task, samples, seed, data_dir_)
+    return [examples[i] for i in idx]
+
+
+def _calibration_draw(task: Task, samples: int, seed: int, data_dir_) -> tuple[list[Example], list[int]]:
+    """All formatted calibration examples and the sorted indices of the seeded draw."""
     if samples <= 0:
         raise DietpruneError(f"samples must be positive, got {samples}")
     rows = load_rows(task, "calib", data_dir_)
@@ -89,9 +95,18 @@ def calibration_examples(task: Task, samples: int, seed: int = 0, data_dir_=None
             raise DietpruneError(f"task '{task.name}' has only blank text rows")
     rng = random.Random(seed)
     if samples >= len(examples):
-        return examples
-    idx = sorted(rng.sample(range(len(examples)), samples))
-    return [examples[i] for i in idx]
+        return examples, list(range(len(examples)))
+    return examples, sorted(rng.sample(range(len(examples)), samples))
+
+
+def heldout_examples(task: Task, samples: int, seed: int, n: int, data_dir_=None) -> list[Example]:
+    """Up to `n` calibration-split examples that ``calibration_examples(task, samples, seed)`` does
+    not draw (seeded); empty when the draw takes the whole split."""
+    examples, drawn = _calibration_draw(task, samples, seed, data_dir_)
+    rest = sorted(set(range(len(examples))) - set(drawn))
+    if n < len(rest):
+        rest = sorted(random.Random(seed + 7919).sample(rest, n))
+    return [examples[i] for i in rest]
 
 
 def evaluation_rows(task: Task, limit: int | None = None, data_dir_=None) -> list[dict]:

@@ -94,7 +94,18 @@ def merge(scores: torch.Tensor, sparsity: float, method: str = "vote", align: in
     if method not in MERGES:
         raise DietpruneError(f"unknown merge '{method}'; choose from {', '.join(MERGES)}")
     d = scores.shape[1]
-    k = keep_count(d, sparsity, align)
+    return merge_k(scores, keep_count(d, sparsity, align), method)
+
+
+def merge_k(scores: torch.Tensor, k: int, method: str = "vote") -> MergeResult:
+    """``merge`` with the kept count given directly (1 <= k <= d): the rule every width axis shares."""
+    if scores.dim() == 1:
+        scores = scores[None]
+    if method not in MERGES:
+        raise DietpruneError(f"unknown merge '{method}'; choose from {', '.join(MERGES)}")
+    d = scores.shape[1]
+    if not 1 <= k <= d:
+        raise DietpruneError(f"cannot keep {k} of {d}")
     norm = normalize(scores)
     mean_norm = norm.mean(0)
     masks = task_masks(scores, k)
@@ -107,6 +118,36 @@ def merge(scores: torch.Tensor, sparsity: float, method: str = "vote", align: in
         order = order_by(-ranks(scores).mean(0), mean_norm)
     kept = torch.sort(order[:k]).values
     return MergeResult(kept=kept, votes=votes, task_masks=masks, method=method, k=k)
+
+
+def merge_layers(scores: torch.Tensor, k: int, method: str = "vote") -> list[MergeResult]:
+    """One merge per layer of a [tasks, layers, n] score tensor, the same k in every layer."""
+    if scores.dim() != 3:
+        raise DietpruneError(f"expected [tasks, layers, n] scores, got shape {tuple(scores.shape)}")
+    return [merge_k(scores[:, layer], k, method) for layer in range(scores.shape[1])]
+
+
+def merge_heads(scores: torch.Tensor, groups: int, per_group: int, n_groups: int,
+                method: str = "vote") -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept KV groups and query heads of one layer from [tasks, heads] query-head scores.
+
+    Heads are head-major: query heads ``j*q..(j+1)*q-1`` share KV head j (q = heads // n_groups).
+    First the `groups` KV groups are voted on (a group's score is the sum of its heads'), then
+    inside every kept group its `per_group` query heads; both with ``merge_k``'s rule.
+    Returns (sorted kept groups, sorted kept query-head indices, group by group).
+    """
+    if scores.dim() == 1:
+        scores = scores[None]
+    tasks, heads = scores.shape
+    if heads % n_groups:
+        raise DietpruneError(f"{heads} heads do not split into {n_groups} KV groups")
+    q = heads // n_groups
+    if not (1 <= groups <= n_groups and 1 <= per_group <= q):
+        raise DietpruneError(f"cannot keep {groups} of {n_groups} groups with {per_group} of {q} heads each")
+    by_group = scores.reshape(tasks, n_groups, q)
+    kept_groups = merge_k(by_group.sum(-1), groups, method).kept
+    kept_heads = [g * q + merge_k(by_group[:, g], per_group, method).kept for g in kept_groups.tolist()]
+    return kept_groups, torch.cat(kept_heads)
 
 
 def jaccard(a, b) -> float:

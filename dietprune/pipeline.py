@@ -43,6 +43,7 @@ class PruneResult:
     output: Path | None = None
     profile: Profile | None = None
     timings: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # what the method decided (dietprune.json "selection")
 
 
 def _as_loaded(model, tokenizer=None) -> LoadedModel:
@@ -82,6 +83,8 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
         check_output_file(output, "scores", replaceable=is_scores_file)
     examples = load_calibration(tasks, cfg, data_dir)
     folder = _streaming_folder(model, low_memory, device_map)
+    if folder is not None and cfg.widths:
+        raise DietpruneError("width statistics (--widths) need the model in memory (not yet with --low-memory)")
     if folder is not None:
         from .streaming import open_streamed
 
@@ -140,6 +143,9 @@ def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, us
                              "profile with --gram, or prune with --repair rms")
     if use_rms and prof.norms is None:
         raise DietpruneError("the scores file has no norm statistics needed by --repair rms")
+    if spec(config.method).widths and (prof.widths is None or (use_ls and prof.widths.mlp is None)):
+        raise DietpruneError(f"the scores file has no width statistics, which --method {config.method} needs: "
+                             "profile with --widths (and --gram for the least-squares repair)")
     return prof
 
 
@@ -200,7 +206,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         from . import distributed
 
         device = distributed.device()
-    pcfg = ProfileConfig.of(config, gram=use_ls)
+    pcfg = ProfileConfig.of(config, gram=use_ls, widths=method.widths)
     examples = None
     if use_refit or (scores is None and (method.needs_profile or ((use_rms or use_ls)
                                                                     and not method.self_calibrated))):
@@ -217,6 +223,8 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         if use_refit and dtype not in (None, "float32"):
             raise DietpruneError("--repair refit with --low-memory re-fits the float32 shards it writes: "
                                  "save as float32 (no --dtype), or prune in memory")
+        if method.widths:
+            raise DietpruneError(f"--method {config.method} needs the model in memory (not yet with --low-memory)")
         lm, source = open_streamed(folder, str(model), device or "cpu")
         net = lm.model
         fingerprint = source.fingerprint(net)
@@ -287,7 +295,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         summary["shape_changes"] = {k: [v, config_shape(net.config)[k]] for k, v in shape_before.items()
                                     if config_shape(net.config)[k] != v}
     result = PruneResult(None if source.streamed else net, lm.tokenizer, kept, config, summary, profile=prof,
-                         timings=timings)
+                         timings=timings, selection=selection.info)
     from . import distributed
 
     if out is not None and distributed.is_main():

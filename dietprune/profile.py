@@ -144,12 +144,14 @@ class ProfileConfig:
     skip_bos: bool = False
     norm_stats: bool = True  # sums of squares at norm inputs (cheap; used by RMS correction)
     gram: bool = False  # d×d Gram matrices at reader-norm outputs (least-squares repair)
+    widths: bool = False  # MLP-channel and head statistics (dietprune.widthstats), for diet-width
 
     @classmethod
-    def of(cls, config, gram: bool) -> "ProfileConfig":
+    def of(cls, config, gram: bool, widths: bool = False) -> "ProfileConfig":
         """The profiling options of a prune config (`registry.PruneConfig`; its tap, or the default)."""
         return cls(samples=config.samples, seed=config.seed, tap=getattr(config, "tap", DEFAULT_TAP),
-                   batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos, gram=gram)
+                   batch_size=config.batch_size, max_length=config.max_length, skip_bos=config.skip_bos, gram=gram,
+                   widths=widths)
 
     def __post_init__(self):
         from . import validate as v
@@ -202,8 +204,14 @@ def profile(model: nn.Module, tokenizer, tasks, config: ProfileConfig | None = N
                for b in make_batches(encoded[t.name], config.batch_size, tokenizer, t.name, config.skip_bos)]
     obs = DietObserver(adapter, model.config, config.tap, [t.name for t in task_list], config.norm_stats,
                        config.gram, device=source.device(model))
+    observers = [obs]
+    if config.widths:  # MLP channels and heads, in the same pass (with the repair's moments when gram)
+        from .widthstats import WidthObserver
+
+        observers.append(WidthObserver(adapter, model.config, [t.name for t in task_list], source.device(model),
+                                       moments=config.gram))
     t0 = time.perf_counter()
-    report = engine.run(model, batches, [obs], source=source, offload=offload, desc="profile")
+    report = engine.run(model, batches, observers, source=source, offload=offload, desc="profile")
     seconds = round(time.perf_counter() - t0, 2)
     per_task = obs.task_stats(batches, {t.name: len(encoded[t.name]) for t in task_list})
     if fingerprint is None:
@@ -212,6 +220,11 @@ def profile(model: nn.Module, tokenizer, tasks, config: ProfileConfig | None = N
         fingerprint = model_fingerprint(model)
     prof = finish_profile(per_task, obs.norm_stats_of(sum(st.count for st in per_task.values())), task_list,
                           config, {"all tasks": seconds}, model.config, fingerprint, model_spec)
+    if config.widths:
+        from . import distributed
+
+        prof.widths = observers[1].finish(batches, distributed.all_reduce)
+        prof.meta["widths"] = True
     prof.meta["engine"] = {"seconds": report.seconds, "block_seconds": [round(s, 3) for s in report.block_seconds],
                            "tokens_with_padding": report.tokens_with_padding,
                            "activations_on_disk": report.activations_on_disk, "streamed": source.streamed}

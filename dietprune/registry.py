@@ -179,6 +179,7 @@ class MethodSpec:
     target: str | None = None  # "module:function", imported on first use
     fn: Callable | None = None
     help: str = ""
+    widths: bool = False  # its profile also holds MLP-channel / head statistics (dietprune.widthstats)
 
     def function(self) -> Callable:
         if self.fn is not None:
@@ -194,8 +195,8 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def _declare(name, config, needs_profile, target, help, self_calibrated=False):
-    METHODS[name] = MethodSpec(name, config, needs_profile, self_calibrated, target=target, help=help)
+def _declare(name, config, needs_profile, target, help, self_calibrated=False, widths=False):
+    METHODS[name] = MethodSpec(name, config, needs_profile, self_calibrated, target=target, help=help, widths=widths)
 
 
 _declare("diet", DietConfig, True, "dietprune.methods:diet", "DIET: per-task top-k merged by vote")
@@ -212,12 +213,16 @@ _declare("flap", UnitConfig, False, "dietprune.baselines.methods:flap", "FLAP fl
 _declare("shortgpt", UnitConfig, False, "dietprune.baselines.methods:shortgpt", "layers by Block Influence",
          self_calibrated=True)
 
+_declare("diet-width", DietConfig, True, "dietprune.width:diet_width",
+         "DIET's vote on hidden dims, MLP channels and heads; budget split by KL (sparsity = parameters)",
+         widths=True)
+
 
 def register(name: str, needs_profile: bool = False, self_calibrated: bool = False, config: type = HiddenConfig,
-             help: str = ""):
+             help: str = "", widths: bool = False):
     """Decorator adding a method function(model, config, ctx) -> Selection under `name`."""
     def deco(fn):
-        METHODS[name] = MethodSpec(name, config, needs_profile, self_calibrated, fn=fn, help=help)
+        METHODS[name] = MethodSpec(name, config, needs_profile, self_calibrated, fn=fn, help=help, widths=widths)
         return fn
 
     return deco

@@ -125,6 +125,7 @@ class Profile:
     tasks: dict[str, TaskStats]
     meta: dict = field(default_factory=dict)
     norms: NormStats | None = None
+    widths: object = None  # widthstats.WidthProfile: MLP-channel and head statistics (diet-width)
 
     def scores(self) -> dict[str, torch.Tensor]:
         return {name: st.scores() for name, st in self.tasks.items()}
@@ -142,7 +143,8 @@ class Profile:
         norms = None if self.norms is None or other.norms is None else self.norms + other.norms
         meta = dict(self.meta)
         meta["samples"] = {t: self.tasks[t].samples + other.tasks[t].samples for t in self.tasks}
-        return Profile({t: self.tasks[t] + other.tasks[t] for t in self.tasks}, meta, norms)
+        widths = None if self.widths is None or other.widths is None else self.widths + other.widths
+        return Profile({t: self.tasks[t] + other.tasks[t] for t in self.tasks}, meta, norms, widths)
 
     # ---- persistence -----------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -161,8 +163,14 @@ class Profile:
             if self.norms.gram is not None:
                 tensors["norms/gram"] = self.norms.gram.contiguous()
                 tensors["norms/final_gram"] = self.norms.final_gram.contiguous()
+        width_header = None
+        if self.widths is not None:
+            width_tensors, width_header = self.widths.to_tensors()
+            tensors.update(width_tensors)
         header = {"format": "dietprune-profile", "version": FORMAT_VERSION,
                   "meta": json.dumps(self.meta), "counts": json.dumps(counts), "tasks": json.dumps(list(self.tasks))}
+        if width_header is not None:
+            header["widths"] = json.dumps(width_header)
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise DietpruneError(f"cannot write scores: folder {path.parent} does not exist")
@@ -202,8 +210,13 @@ class Profile:
                     fgram = fh.get_tensor("norms/final_gram") if "norms/final_gram" in keys else None
                     norms = NormStats(fh.get_tensor("norms/in_sq"), fh.get_tensor("norms/final_in_sq"),
                                       counts["__norms__"]["count"], gram, fgram)
+                widths = None
+                if "widths" in header:
+                    from .widthstats import WidthProfile
+
+                    widths = WidthProfile.from_tensors(fh.get_tensor, keys, json.loads(header["widths"]))
         except DietpruneError:
             raise
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise DietpruneError(f"cannot read scores file {path}: {exc}") from exc
-        return cls(tasks, json.loads(header["meta"]), norms)
+        return cls(tasks, json.loads(header["meta"]), norms, widths)
