@@ -31,7 +31,7 @@ Statistics are kept as sums and counts (:class:`PairedCounts`), so shards merge 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -175,19 +175,18 @@ def summarize(c: PairedCounts, chance: float | None = None) -> dict:
 def _bootstrap(ref: torch.Tensor, new: torch.Tensor, n_boot: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per replicate: mean correctness of ref and of new on the same resampled examples."""
     n = ref.numel()
-    idx = torch.randint(n, (n_boot, n), generator=gen)
-    return ref[idx].mean(1), new[idx].mean(1)
+    step = max(1, 2**22 // n)  # at most ~4M indices (32 MiB) at a time
+    rs, ns = [], []
+    for start in range(0, n_boot, step):
+        idx = torch.randint(n, (min(step, n_boot - start), n), generator=gen)
+        rs.append(ref[idx].mean(1))
+        ns.append(new[idx].mean(1))
+    return torch.cat(rs), torch.cat(ns)
 
 
 def _interval(x: torch.Tensor) -> list[float]:
     q = torch.quantile(x.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
     return [float(q[0]), float(q[1])]
-
-
-@dataclass
-class _Side:
-    ref: list = field(default_factory=list)
-    new: list = field(default_factory=list)
 
 
 def paired_tasks(ref: dict, new: dict, n_boot: int = DEFAULT_BOOT, seed: int = DEFAULT_SEED,
