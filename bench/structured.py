@@ -235,11 +235,11 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
     cell["tasks"] = task_summary(ev["tasks"])
     # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
     cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
+    cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
+    cell["ppl"] = _finite(float(ppl))
     # WikiText-2 perplexity on eval.jsonl (the rows no method calibrates on; `ppl` reads test.jsonl,
     # whose first quarter is wikitext2/calib.jsonl)
     cell["ppl_eval"] = _finite(float(ppl_eval)) if ppl_eval is not None else None
-    cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
-    cell["ppl"] = _finite(float(ppl))
     cell["seconds"] = {"prune": round(t1 - t0, 1), "eval": round(t2 - t1, 1), "ppl": round(t3 - t2, 1),
                        "ppl_eval": round(t4 - t3, 1), "total": round(t4 - t0, 1),
                        "eval_per_task": ev["meta"].get("seconds", {})}

@@ -68,7 +68,7 @@ def test_merge_heads_votes_groups_then_heads_inside_them():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_param_count_formula_matches_the_cut(arch):
+def test_param_count_formula_matches_the_cut(arch, tmp_path):
     model = wide_model(arch)
     adapter = adapter_for(model)
     ids = _ids()
@@ -85,6 +85,12 @@ def test_param_count_formula_matches_the_cut(arch):
         assert cut.config.num_attention_heads == shape.heads and cut.config.num_key_value_heads == shape.groups
         assert cut.config.intermediate_size == shape.channels and cut.config.hidden_size == shape.hidden
         assert torch.isfinite(_logits(cut, ids)).all()
+    # the last cut (every axis changed) saves as a stock checkpoint that reloads to the same logits
+    from transformers import AutoModelForCausalLM
+
+    cut.save_pretrained(tmp_path / "cut")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", attn_implementation="eager").eval()
+    torch.testing.assert_close(_logits(back, ids), _logits(cut, ids), rtol=1e-5, atol=1e-5)
 
 
 def _onehot(kept, d):
