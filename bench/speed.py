@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -182,8 +181,10 @@ def worker(args) -> dict:
             llm.eval([tok])
             tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
         t3 = time.perf_counter()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": NEW_TOKENS / (t3 - t2), "peak_rss_bytes": rss}
+    # VmHWM: this process image's peak (ru_maxrss would carry the parent's peak across fork + exec)
+    rss = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    return {"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": NEW_TOKENS / (t3 - t2), "peak_rss_bytes": rss,
+            "rss": "VmHWM"}
 
 
 def measure(args, preset: str, sparsity: float, runtime: str) -> dict:
@@ -367,7 +368,8 @@ def collect(args) -> dict:
             continue
         c["prefill"] = stats([r["prefill_tok_s"] for r in c["repeats"]])
         c["decode"] = stats([r["decode_tok_s"] for r in c["repeats"]])
-        c["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in c["repeats"])
+        good = [r["peak_rss_bytes"] for r in c["repeats"] if r.get("rss") == "VmHWM"]
+        c["peak_rss_bytes"] = max(good) if good else None  # early repeats recorded the parent's ru_maxrss
         cells[(c["preset"], c["variant"], c["runtime"])] = c
     agree = [json.loads(p.read_text()) for p in sorted(Path(args.cells_dir).glob("*__agreement.json"))]
     rows = []
@@ -462,7 +464,9 @@ def render(results: dict) -> str:
         f"{results['machine'].get('torch')}, llama-cpp-python {results['machine'].get('llama_cpp_python', '?')}; "
         f"{results['settings']['threads']} threads per measurement. **The machine was shared with other agents' jobs "
         "while this ran**, so absolute figures are noisy; ratios come from repeats measured side by side in the same "
-        "round (each round measures every cell once, in a fresh process). Figures: median (min–max) over the repeats.",
+        "round (each round measures every cell once, in a fresh process). Figures: median (min–max) over the repeats. "
+        "Peak RSS shows – where the repeats predate the VmHWM measurement (the first ones read ru_maxrss, which "
+        "carries the parent process's peak across fork and exec, and were discarded).",
         "",
         f"Prefill: one forward of a {PROMPT_TOKENS}-token WikiText-2 prompt. Decode: {NEW_TOKENS} greedy steps with "
         "the KV cache after that prompt. Peak RSS: the measuring process (Python + runtime + model). Size: the "
@@ -504,7 +508,7 @@ def render(results: dict) -> str:
                          f"{r['decode_speedup']['median']:.2f}", f"{r['decode_vs_bytes']:.2f}"]
             lines.append(f"| {r['variant']} | {r['runtime']} | {r['model']['hidden_size']} | "
                          f"{r['model']['params'] / 1e6:.1f}M | {r['file_bytes'] / mib:.0f} | {fmt(r['prefill'])} | "
-                         f"{fmt(r['decode'], 1)} | {r['peak_rss_bytes'] / mib:.0f} | " + " | ".join(extra) + " |")
+                         f"{fmt(r['decode'], 1)} | {rss_text(r)} | " + " | ".join(extra) + " |")
         emb = prs[0]["model"]
         lines += ["", f"Embedding{' (tied with the output head)' if emb['tied'] else ''}: vocabulary "
                   f"{emb['vocab_size']:,} × hidden — {emb['embedding_params'] / emb['params']:.0%} of the dense "
@@ -513,6 +517,10 @@ def render(results: dict) -> str:
                   "the decode gain.", ""]
         lines += decision_table(results, preset)
     return "\n".join(lines) + "\n"
+
+
+def rss_text(r) -> str:
+    return "–" if r["peak_rss_bytes"] is None else f"{r['peak_rss_bytes'] / 2**20:.0f}"
 
 
 def decision_table(results, preset) -> list[str]:
