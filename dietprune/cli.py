@@ -84,7 +84,7 @@ def add_prune(sub):
     p.add_argument("--gguf-type", default="f16", help="GGUF weight type: f32, f16, bf16, q8_0, q4_k_m (default f16)")
 
     def run(args) -> int:
-        from .pipeline import prune
+        from .pipeline import format_summary, prune
 
         gguf_note = None
         if args.gguf is not None:
@@ -141,25 +141,6 @@ def _config_flags(p: argparse.ArgumentParser) -> list[str]:
                        **extra)
         names.append(name)
     return names
-
-
-def format_summary(s: dict, output) -> str:
-    def mb(n):
-        return f"{n / 2**20:,.1f} MiB"
-
-    lines = [
-        f"model          {s['model']}  ({s['method']})",
-        f"hidden size    {s['hidden_size_before']} -> {s['hidden_size_after']}",
-        *(["shape          " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in s["shape_changes"].items())]
-          if set(s.get("shape_changes", {})) - {"hidden_size"} else []),
-        f"parameters     {s['params_before']:,} -> {s['params_after']:,}  (-{100 * s['param_reduction']:.1f}%)",
-    ]
-    if "size_on_disk_bytes" in s:
-        lines.append(f"size on disk   {mb(s['size_on_disk_bytes'])}  at {output}")
-    secs = s.get("seconds", {})
-    lines.append("time           " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items())
-                 + f"  (total {sum(secs.values()):.1f}s)")
-    return "\n".join(lines)
 
 
 def add_profile(sub):

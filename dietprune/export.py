@@ -511,34 +511,6 @@ def prepare_gguf(model, output, gguf, gguf_type: str, sparsity: float, align: in
     return path, align, note
 
 
-def gguf_config_fixes(gguf_path: Path, config) -> dict:
-    """Set on `config` (read by transformers from a GGUF) what llama.cpp takes from the head size.
-
-    A width-pruned model's head size is not hidden_size / heads; llama.cpp reads it from
-    ``attention.key_length``, which transformers' GGUF mapping ignores for some families. Returns
-    the keys changed (empty when the file has no key_length or everything already agrees).
-    """
-    from gguf import GGUFReader
-
-    from .adapters import adapter_for_type
-
-    try:
-        reader = GGUFReader(gguf_path)
-        arch = reader.fields["general.architecture"].contents()
-        field = reader.fields.get(f"{arch}.attention.key_length")
-        key_length = int(field.contents()) if field is not None else None
-    except (OSError, ValueError, KeyError) as exc:
-        raise DietpruneError(f"cannot read GGUF metadata of {gguf_path}: {exc}") from exc
-    if key_length is None:
-        return {}
-    fixed = {}
-    for key in adapter_for_type(config.model_type).gguf_key_length_keys:
-        if getattr(config, key, None) != key_length:
-            setattr(config, key, key_length)
-            fixed[key] = key_length
-    return fixed
-
-
 def llama_cpp_model(path, threads: int = 1, n_ctx: int = 512, logits_all: bool = True, f32_cache: bool = False):
     """Load a GGUF file in llama.cpp (llama-cpp-python), quietly; a one-line error if it cannot."""
     if not llama_cpp_available():

@@ -809,7 +809,7 @@ def prune_then_heal(args, prune_kwargs: dict) -> int:
     try:
         res = prune(args.model, output=scratch / "pruned", **prune_kwargs)
         if is_main():
-            from .cli import format_summary
+            from .pipeline import format_summary
 
             print(format_summary(res.summary, res.output))
         del res

@@ -408,9 +408,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, device: str | None = Non
 
         adapter_for_type(getattr(config, "model_type", "?"))  # fail before loading weights
         fixed = {}
-        if "gguf_file" in kwargs:  # the head size after a width cut (see export.gguf_config_fixes)
-            from .export import gguf_config_fixes
-
+        if "gguf_file" in kwargs:  # the head size after a width cut (see gguf_config_fixes)
             fixed = gguf_config_fixes(Path(path) / kwargs["gguf_file"], config)
         if device_map is not None:
             kwargs["device_map"] = device_map
@@ -479,3 +477,31 @@ def fingerprint_of(cfg, sampled) -> str:
 
 def default_device() -> str:
     return os.environ.get("DIETPRUNE_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gguf_config_fixes(gguf_path: Path, config) -> dict:
+    """Set on `config` (read by transformers from a GGUF) what llama.cpp takes from the head size.
+
+    A width-pruned model's head size is not hidden_size / heads; llama.cpp reads it from
+    ``attention.key_length``, which transformers' GGUF mapping ignores for some families. Returns
+    the keys changed (empty when the file has no key_length or everything already agrees).
+    """
+    from gguf import GGUFReader
+
+    from .adapters import adapter_for_type
+
+    try:
+        reader = GGUFReader(gguf_path)
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.attention.key_length")
+        key_length = int(field.contents()) if field is not None else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DietpruneError(f"cannot read GGUF metadata of {gguf_path}: {exc}") from exc
+    if key_length is None:
+        return {}
+    fixed = {}
+    for key in adapter_for_type(config.model_type).gguf_key_length_keys:
+        if getattr(config, key, None) != key_length:
+            setattr(config, key, key_length)
+            fixed[key] = key_length
+    return fixed

@@ -132,12 +132,80 @@ def _streaming_folder(model, low_memory: bool | None, device_map: str | None) ->
     return None
 
 
+# ---- checks of a prune's inputs that read statistics or sizes (validate.py is a leaf module) ----
+def shard_size(value) -> int:
+    """--max-shard-size as a positive number of bytes: an integer or e.g. '500MB', '2GB', '1GiB'."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DietpruneError(f"max_shard_size must be a size like 500MB or 2GB, got {value!r}")
+    from .streaming import parse_size
+
+    try:
+        size = parse_size(value)
+    except (OverflowError, ValueError) as exc:  # 'infGB', '1e999MB'
+        raise DietpruneError(f"cannot read size '{value}' (use e.g. 500MB, 2GB)") from exc
+    if size < 1:
+        raise DietpruneError(f"max_shard_size must be positive, got {value!r}")
+    return size
+
+
+def profile_shapes(prof, model_config, adapter, source="the scores file") -> None:
+    """Every tensor of a Profile has the shape this model's statistics have (a scores file
+    edited, truncated or written for another width is refused before it is used)."""
+    from .profile import block_tap_names
+
+    d, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
+    hidden = prof.meta.get("hidden_size")
+    if hidden is not None and hidden != d:
+        raise DietpruneError(f"{source} is for hidden size {hidden}, this model has {d}")
+    tap = prof.meta.get("tap")
+    if not isinstance(tap, str):
+        raise DietpruneError(f"{source} does not say which tap it read (meta 'tap' missing)")
+    points = n_layers * len(block_tap_names(adapter, tap))
+
+    def expect(name, tensor, shape):
+        import torch
+
+        if tuple(tensor.shape) != shape:
+            raise DietpruneError(f"{source}: {name} has shape {tuple(tensor.shape)}, this model needs {shape}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise DietpruneError(f"{source}: {name} holds non-finite or non-float values")
+
+    for task, st in prof.tasks.items():
+        expect(f"task/{task}/abs_sum", st.abs_sum, (points, d))
+        if not isinstance(st.count, int) or st.count <= 0:
+            raise DietpruneError(f"{source}: task {task} counts {st.count!r} tokens")
+    norms = prof.norms
+    if norms is not None:
+        expect("norms/in_sq", norms.in_sq, (n_layers, len(adapter.residual_norms), d))
+        expect("norms/final_in_sq", norms.final_in_sq, (d,))
+        if (norms.gram is None) != (norms.final_gram is None):
+            raise DietpruneError(f"{source} has only one of norms/gram and norms/final_gram")
+        if norms.gram is not None:
+            expect("norms/gram", norms.gram, (n_layers, len(adapter.reader_norms()), d, d))
+            expect("norms/final_gram", norms.final_gram, (d, d))
+
+
+def load_scores(path):
+    """A scores file as a Profile; anything unreadable in it (header, metadata) is one line."""
+    from .stats import Profile
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise DietpruneError(f"scores must be a scores file path or a Profile, got {path!r}")
+    try:
+        prof = Profile.load(path)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DietpruneError(f"{path} is not a readable dietprune scores file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(prof.meta, dict):
+        raise DietpruneError(f"{path} is not a readable dietprune scores file (its metadata is not an object)")
+    return prof
+
+
 def load_checked_scores(scores, model, config: PruneConfig, fingerprint: str, use_rms: bool,
                         use_ls: bool) -> Profile:
     """A scores file (or Profile) for this model, tasks and repairs, or a one-line error."""
-    prof = scores if isinstance(scores, Profile) else validate.load_scores(scores)
+    prof = scores if isinstance(scores, Profile) else load_scores(scores)
     _check_scores(prof, model, config, fingerprint)
-    validate.profile_shapes(prof, model.config, adapter_for(model))
+    profile_shapes(prof, model.config, adapter_for(model))
     if use_ls and (prof.norms is None or prof.norms.gram is None):
         raise DietpruneError("the scores file has no Gram statistics, which --repair ls needs: "
                              "profile with --gram, or prune with --repair rms")
@@ -189,12 +257,12 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         config = method_config(options.pop("method", "diet"), sparsity=sparsity, **options)
     task_list = parse_tasks(config.tasks)
     validate.run_options(low_memory, offload, device_map, dtype, overwrite)
-    validate.shard_size(max_shard_size)
+    shard_size(max_shard_size)
     out = check_output_dir(output, overwrite, input_paths(model)) if output is not None else None
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise DietpruneError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if scores is not None and not isinstance(scores, Profile):
-        scores = validate.load_scores(scores)  # a missing or damaged scores file fails before any loading
+        scores = load_scores(scores)  # a missing or damaged scores file fails before any loading
     if scores is not None:
         _check_tasks(scores, config)
     method = spec(config.method)
@@ -398,6 +466,26 @@ def check_finite(model) -> None:
 def _refit_summary(errors: dict) -> dict:
     return {"before": sum(b for b, _ in errors.values()) / len(errors),
             "after": sum(a for _, a in errors.values()) / len(errors)}
+
+
+def format_summary(s: dict, output) -> str:
+    """The human-readable lines of a PruneResult.summary (what `dietprune prune` prints)."""
+    def mb(n):
+        return f"{n / 2**20:,.1f} MiB"
+
+    lines = [
+        f"model          {s['model']}  ({s['method']})",
+        f"hidden size    {s['hidden_size_before']} -> {s['hidden_size_after']}",
+        *(["shape          " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in s["shape_changes"].items())]
+          if set(s.get("shape_changes", {})) - {"hidden_size"} else []),
+        f"parameters     {s['params_before']:,} -> {s['params_after']:,}  (-{100 * s['param_reduction']:.1f}%)",
+    ]
+    if "size_on_disk_bytes" in s:
+        lines.append(f"size on disk   {mb(s['size_on_disk_bytes'])}  at {output}")
+    secs = s.get("seconds", {})
+    lines.append("time           " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items())
+                 + f"  (total {sum(secs.values()):.1f}s)")
+    return "\n".join(lines)
 
 
 def _metadata(lm, config, kept, summary, fingerprint, prof, selection, repair_info) -> dict:

@@ -97,21 +97,6 @@ def run_options(low_memory=None, offload="auto", device_map=None, dtype=None, ov
         scratch_dir()
 
 
-def shard_size(value) -> int:
-    """--max-shard-size as a positive number of bytes: an integer or e.g. '500MB', '2GB', '1GiB'."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DietpruneError(f"max_shard_size must be a size like 500MB or 2GB, got {value!r}")
-    from .streaming import parse_size
-
-    try:
-        size = parse_size(value)
-    except (OverflowError, ValueError) as exc:  # 'infGB', '1e999MB'
-        raise DietpruneError(f"cannot read size '{value}' (use e.g. 500MB, 2GB)") from exc
-    if size < 1:
-        raise DietpruneError(f"max_shard_size must be positive, got {value!r}")
-    return size
-
-
 def scratch_dir() -> str:
     """Where activation spill files go: $DIETPRUNE_SCRATCH_DIR (checked) or the system temp folder."""
     import tempfile
@@ -125,58 +110,6 @@ def scratch_dir() -> str:
     if not os.access(path, os.W_OK | os.X_OK):
         raise DietpruneError(f"DIETPRUNE_SCRATCH_DIR={value} is not writable")
     return path
-
-
-def profile_shapes(prof, model_config, adapter, source="the scores file") -> None:
-    """Every tensor of a Profile has the shape this model's statistics have (a scores file
-    edited, truncated or written for another width is refused before it is used)."""
-    from .profile import block_tap_names
-
-    d, n_layers = int(model_config.hidden_size), int(model_config.num_hidden_layers)
-    hidden = prof.meta.get("hidden_size")
-    if hidden is not None and hidden != d:
-        raise DietpruneError(f"{source} is for hidden size {hidden}, this model has {d}")
-    tap = prof.meta.get("tap")
-    if not isinstance(tap, str):
-        raise DietpruneError(f"{source} does not say which tap it read (meta 'tap' missing)")
-    points = n_layers * len(block_tap_names(adapter, tap))
-
-    def expect(name, tensor, shape):
-        import torch
-
-        if tuple(tensor.shape) != shape:
-            raise DietpruneError(f"{source}: {name} has shape {tuple(tensor.shape)}, this model needs {shape}")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise DietpruneError(f"{source}: {name} holds non-finite or non-float values")
-
-    for task, st in prof.tasks.items():
-        expect(f"task/{task}/abs_sum", st.abs_sum, (points, d))
-        if not isinstance(st.count, int) or st.count <= 0:
-            raise DietpruneError(f"{source}: task {task} counts {st.count!r} tokens")
-    norms = prof.norms
-    if norms is not None:
-        expect("norms/in_sq", norms.in_sq, (n_layers, len(adapter.residual_norms), d))
-        expect("norms/final_in_sq", norms.final_in_sq, (d,))
-        if (norms.gram is None) != (norms.final_gram is None):
-            raise DietpruneError(f"{source} has only one of norms/gram and norms/final_gram")
-        if norms.gram is not None:
-            expect("norms/gram", norms.gram, (n_layers, len(adapter.reader_norms()), d, d))
-            expect("norms/final_gram", norms.final_gram, (d, d))
-
-
-def load_scores(path):
-    """A scores file as a Profile; anything unreadable in it (header, metadata) is one line."""
-    from .stats import Profile
-
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise DietpruneError(f"scores must be a scores file path or a Profile, got {path!r}")
-    try:
-        prof = Profile.load(path)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise DietpruneError(f"{path} is not a readable dietprune scores file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(prof.meta, dict):
-        raise DietpruneError(f"{path} is not a readable dietprune scores file (its metadata is not an object)")
-    return prof
 
 
 def known_options(options: dict, config_type, call: str) -> None:

@@ -16,7 +16,7 @@ Requests, as the harness's ``hf`` model handles them:
   (:func:`dietprune.encoding.encode_pair`; an empty context is conditioned on the prefix token,
   BOS or else EOS). The requests of one document (the choices of a multiple-choice question) are
   scored as one :class:`dietprune.evaluate.loglik.Request` sharing their longest common token
-  prefix (:func:`dietprune.evaluate.runner.example_request`), the same requests and code path as
+  prefix (:func:`dietprune.evaluate.requests.example_request`), the same requests and code path as
   ``dietprune eval``: packed rows, only continuation positions through ``lm_head``.
 - ``loglikelihood_rolling``: the text's tokens (BOS first where ``add_bos_token``, as the harness's
   ``tok_encode``) in disjoint windows of ``max_length`` tokens (first conditioned on the prefix
@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised where lm-eval is abse
                          "(or `pip install dietprune[eval]`)") from exc
 
 from .loglik import Request, score_requests
-from .runner import _pad_id, _prefix_token, example_request, model_window, rolling_requests
+from .requests import _pad_id, _prefix_token, example_request, model_window, rolling_requests
 
 _FALSE = ("0", "false", "no", "off")
 

@@ -34,12 +34,11 @@ from ..data import evaluation_rows, load_rows
 from ..encoding import encode, encode_pair, wants_bos
 from ..errors import DietpruneError
 from ..tasks import Task, parse_tasks
-from .loglik import Request, decoder_parts, head_logprobs, score_requests
+from .loglik import Request, decoder_parts, head_logprobs, score_requests  # noqa: F401
+from .requests import (DEFAULT_WINDOW, _pad_id, _prefix_token, example_request,  # noqa: F401 (re-exported)
+                       model_window, rolling_requests)
 from .metrics import (choice_predictions, count_bytes, count_words, perplexities, summarize_choices,
                       wikitext_detokenize, wikitext_documents)
-
-DEFAULT_WINDOW = 2048
-
 
 @dataclass
 class TaskResult:
@@ -47,28 +46,6 @@ class TaskResult:
     metrics: dict
     records: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _prefix_token(tokenizer) -> int:
-    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if tok is None:
-        raise DietpruneError("the tokenizer has neither a BOS nor an EOS token to start a text with")
-    return tok
-
-
-def _pad_id(tokenizer) -> int:
-    for tok in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tok is not None:
-            return tok
-    return 0
-
-
-def model_window(model, window: int | None = None) -> int:
-    """Tokens per forward pass: ``window`` if given, else min(2048, the model's context)."""
-    if window:
-        return int(window)
-    n = getattr(model.config, "max_position_embeddings", None) or DEFAULT_WINDOW
-    return min(DEFAULT_WINDOW, int(n))
 
 
 def encode_choices(tokenizer, example, add_bos: bool) -> list[tuple[list[int], list[int]]]:
@@ -83,25 +60,6 @@ def encode_choices(tokenizer, example, add_bos: bool) -> list[tuple[list[int], l
             raise DietpruneError(f"choice {cont!r} encodes to no tokens")
         out.append((c, k))
     return out
-
-
-def example_request(pairs: list[tuple[list[int], list[int]]]) -> Request | None:
-    """All choices of one example as one request sharing their longest common prefix.
-
-    The prefix is at most the shortest context, so every scored token stays in its own
-    continuation: choices with one context share exactly that context (one pass for all),
-    WinoGrande's option-filled contexts share the words before the blank. None when the
-    choices do not even share a first token.
-    """
-    seqs = [c + k for c, k in pairs]
-    n = min(len(c) for c, _ in pairs)
-    common = 0
-    while common < n and all(s[common] == seqs[0][common] for s in seqs):
-        common += 1
-    if common == 0:
-        return None
-    return Request(tuple(seqs[0][:common]), tuple(tuple(s[common:]) for s in seqs),
-                   tuple(len(k) for _, k in pairs))
 
 
 def _choice_chars(task: Task, example, i: int) -> int:
@@ -152,21 +110,6 @@ def evaluate_choices(model, tokenizer, task: Task, rows: list[dict], batch_size:
         records.append({"gold": ex.gold, "pred": pred, "pred_norm": pred_norm, "loglik": lls,
                         "greedy": [s.greedy for s in got], "chars": chars})
     return TaskResult(task.name, summarize_choices(records, task.metrics), records)
-
-
-def rolling_requests(tokens: list[int], prefix: int, window: int) -> list[Request]:
-    """Disjoint scoring windows over a document: every token scored once, each pass ``window`` long."""
-    reqs = []
-    start = 0
-    while start < len(tokens):
-        end = min(start + window, len(tokens))
-        if start == 0:
-            ctx = [prefix]
-        else:  # as much preceding text as fits in one pass of `window` inputs
-            ctx = tokens[max(0, end - window - 1) : start]
-        reqs.append(Request(tuple(ctx), (tuple(tokens[start:end]),)))
-        start = end
-    return reqs
 
 
 def evaluate_wikitext(model, tokenizer, task: Task, limit=None, data_dir=None, batch_size: int = 16,
