@@ -12,5 +12,7 @@ if [ -z "${DIETPRUNE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 
     >/dev/null 2>&1 || echo "test.sh: could not install chromium; the browser test will skip" >&2
 fi
 if [ -z "${DIETPRUNE_DATA_DIR:-}" ] && [ -d ../shared/benchdata ]; then export DIETPRUNE_DATA_DIR=../shared/benchdata; fi
+# absolute, so tests that change directory still find it
+if [ -n "${DIETPRUNE_DATA_DIR:-}" ] && [ -d "$DIETPRUNE_DATA_DIR" ]; then DIETPRUNE_DATA_DIR=$(cd "$DIETPRUNE_DATA_DIR" && pwd); export DIETPRUNE_DATA_DIR; fi
 export DIETPRUNE_PROGRESS=0 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
 exec .venv/bin/python -m pytest -q --durations=15 tests "$@"

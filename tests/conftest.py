@@ -17,6 +17,8 @@ def data_dir():
     d = os.environ.get("DIETPRUNE_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
     if not d:
         pytest.skip("no benchmark data: set DIETPRUNE_DATA_DIR")
+    d = str(Path(d).resolve())  # tests that change directory (and their child processes) still find it
+    os.environ["DIETPRUNE_DATA_DIR"] = d
     return d
 
 
