@@ -16,7 +16,7 @@ from dietprune.baselines.methods import global_attention_share, layers_to_remove
 from dietprune.baselines.plan import budget_for, candidates, legal_group_counts
 from dietprune.errors import DietpruneError, UnreachableSparsity
 from dietprune.pipeline import prune
-from tiny import ARCHS, tiny_model
+from tiny import ARCHS, random_ids as _ids, tiny_logits as _logits, tiny_model
 
 STRUCTURED = ("wanda-sp", "flap", "shortgpt")
 METHODS = ("agnostic",) + STRUCTURED
@@ -43,16 +43,6 @@ def tok():
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
                                    pad_token="<pad>")
-
-
-def _ids(batch=2, length=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (batch, length), generator=g)
-
-
-@torch.no_grad()
-def _logits(model, ids):
-    return model(input_ids=ids).logits
 
 
 def _run(model, tok, data_dir, method, sparsity, **kw):

@@ -16,19 +16,9 @@ from dietprune.pipeline import profile, prune
 from dietprune.stats import Profile
 from dietprune.widthstats import WidthObserver
 from test_baselines import tok, wide_model  # noqa: F401  (tok is a fixture)
-from tiny import ARCHS, tiny_model
+from tiny import ARCHS, random_ids as _ids, tiny_logits as _logits, tiny_model
 
 RUN = dict(samples=4, max_length=32, batch_size=4, tasks="boolq,arc_easy")
-
-
-def _ids(batch=2, length=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (batch, length), generator=g)
-
-
-@torch.no_grad()
-def _logits(model, ids):
-    return model(input_ids=ids).logits
 
 
 @torch.no_grad()

@@ -58,3 +58,14 @@ def save_tiny(path, model_type: str, seed: int = 0, **overrides):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def random_ids(batch=2, length=12, seed=1):
+    """Seeded token ids of the tiny vocabulary, above the special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def tiny_logits(model, ids):
+    return model(input_ids=ids).logits
