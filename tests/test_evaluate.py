@@ -305,13 +305,18 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "dietprune", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    # one in its own process: the whole of stderr is the one line (no warning or traceback at start-up)
     r = _cli("eval", "smollm2-135m", "--tasks", "nosuchtask")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown task" in r.stderr
-    r = _cli("compare", str(tmp_path / "missing.json"))
-    assert r.returncode == 2 and "not found" in r.stderr
-    r = _cli("eval", "smollm2-135m", "--output", str(tmp_path / "no" / "r.json"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    # the others in this process (the same main(); a process each would add only start-up time)
+    from dietprune.cli import main
+
+    for args, needle in ((["compare", str(tmp_path / "missing.json")], "not found"),
+                         (["eval", "smollm2-135m", "--output", str(tmp_path / "no" / "r.json")], "does not exist")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("dietprune: error: ") and needle in err, (args, err)
 
 
 def test_cli_compare(tmp_path):
