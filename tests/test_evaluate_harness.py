@@ -59,23 +59,23 @@ def test_smollm2_wikitext_agrees_with_lm_eval(data_dir, tmp_path):
     from dietprune.models import load
 
     lm = load("smollm2-135m")
-    # the first article: 2,188 SmolLM2 tokens, so the rolling log-likelihood crosses one 2048-token window
-    # boundary (the second window scores the last tokens with the preceding ones as context)
-    ours = evaluate(lm.model, lm.tokenizer, ["wikitext2"], limit=1, data_dir=data_dir, progress=False,
+    ours = evaluate(lm.model, lm.tokenizer, ["wikitext2"], limit=2, data_dir=data_dir, progress=False,
                     log_samples=True)
-    theirs = run_harness(harness_lm(lm.model, lm.tokenizer, batch_size=4), ["wikitext2"], data_dir, 1,
+    theirs = run_harness(harness_lm(lm.model, lm.tokenizer, batch_size=4), ["wikitext2"], data_dir, 2,
                          tmp_path)["wikitext2"]
     lls = [r["loglik"] for r in ours["samples"]["wikitext2"]]
-    assert len(lls) == len(theirs["loglik"]) == 1
+    assert len(lls) == len(theirs["loglik"]) == 2
     from dietprune.data import load_rows
     from dietprune.encoding import encode
     from dietprune.evaluate.metrics import wikitext_detokenize, wikitext_documents
     from dietprune.evaluate.requests import rolling_requests
     from dietprune.tasks import get_task
 
-    first = wikitext_documents([r["text"] for r in load_rows(get_task("wikitext2"), "eval", data_dir)])[0]
+    # the two articles: 1,407 and 5,349 SmolLM2 tokens, so the second crosses two 2048-token window boundaries
+    docs = wikitext_documents([r["text"] for r in load_rows(get_task("wikitext2"), "eval", data_dir)])[:2]
     window = ours["tasks"]["wikitext2"]["window"]
-    assert len(rolling_requests(encode(lm.tokenizer, wikitext_detokenize(first), False), 0, window)) == 2
+    assert [len(rolling_requests(encode(lm.tokenizer, wikitext_detokenize(d), False), 0, window)) for d in docs] \
+        == [1, 3]
     for a, (b,) in zip(lls, theirs["loglik"]):  # sums over thousands of tokens: float32 noise ~1e-6 relative
         assert a == pytest.approx(b, rel=2e-5)
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
