@@ -282,19 +282,11 @@ def test_prune_gguf_in_one_go(tmp_path, capsys):
 
 # ---- both pruned presets (slow) ------------------------------------------------------------
 
-def _pruned_preset(tmp_path_factory, preset):
-    from dietprune.pipeline import prune
-
-    out = tmp_path_factory.mktemp(preset) / "ckpt"
-    prune(preset, tasks="boolq,arc_easy", samples=16, sparsity=0.2, output=out,
-          data_dir=os.environ.get("DIETPRUNE_DATA_DIR"))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("preset", ["smollm2-135m", "gemma3-270m"])
-def test_pruned_preset_in_llama_cpp(tmp_path_factory, preset):
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xdist_group(p))
+                                    for p in ("smollm2-135m", "gemma3-270m")])
+def test_pruned_preset_in_llama_cpp(pruned_preset, tmp_path, preset):
     need_runtime()
     if not os.environ.get("DIETPRUNE_DATA_DIR"):
         pytest.skip("needs DIETPRUNE_DATA_DIR for calibration and WikiText")
@@ -303,7 +295,7 @@ def test_pruned_preset_in_llama_cpp(tmp_path_factory, preset):
     from dietprune.data import load_rows
     from dietprune.tasks import get_task
 
-    ckpt = _pruned_preset(tmp_path_factory, preset)
+    ckpt = pruned_preset(preset).output  # pruned at 20% on boolq,arc_easy (16 samples), shared with test_real_models
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
     text = " ".join(r["text"] for r in load_rows(get_task("wikitext2"), "eval", os.environ["DIETPRUNE_DATA_DIR"])[:40])
@@ -311,12 +303,12 @@ def test_pruned_preset_in_llama_cpp(tmp_path_factory, preset):
     ids = ids[:256]
     ref = hf_logits(model, ids)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    f32 = export_gguf(ckpt, ckpt.parent / "f32.gguf", "f32")
+    f32 = export_gguf(ckpt, tmp_path / "f32.gguf", "f32")
     llm = llama_cpp_model(f32.path, threads=2, n_ctx=512, f32_cache=True)
     rel, top1 = agreement(ref, llama_cpp_logits(llm, ids))
     greedy_same = llama_cpp_greedy(llm, ids[:32], 20) == hf_greedy(model, ids[:32], 20)
     del llm
-    q8 = export_gguf(ckpt, ckpt.parent / "q8.gguf", "q8_0")
+    q8 = export_gguf(ckpt, tmp_path / "q8.gguf", "q8_0")
     _, top1_q8 = agreement(ref, llama_cpp_logits(llama_cpp_model(q8.path, threads=2, n_ctx=512), ids))
     print(f"{preset}: f32 max rel diff {rel:.2e}, top-1 {top1:.4f}, greedy-20 identical {greedy_same}; "
           f"q8_0 top-1 {top1_q8:.4f} on {len(ids)} WikiText tokens; notes {f32.notes + q8.notes}")

@@ -12,14 +12,13 @@ from dietprune.tasks import get_task
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("preset,hidden", [("smollm2-135m", 576), ("gemma3-270m", 640)])
-def test_prune_real_preset(preset, hidden, tmp_path, data_dir):
+@pytest.mark.parametrize("preset,hidden", [pytest.param(p, h, marks=pytest.mark.xdist_group(p))
+                                           for p, h in (("smollm2-135m", 576), ("gemma3-270m", 640))])
+def test_prune_real_preset(preset, hidden, pruned_preset, data_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dietprune.pipeline import prune
-
-    out = tmp_path / "pruned"
-    res = prune(preset, tasks="boolq,arc_easy", sparsity=0.2, samples=8, output=out, data_dir=data_dir)
+    res = pruned_preset(preset)  # prune(preset, tasks="boolq,arc_easy", sparsity=0.2, samples=16), once a session
+    out = res.output
     assert res.summary["hidden_size_before"] == hidden
     assert res.summary["param_reduction"] > 0.15
     ids = torch.tensor([[5, 17, 250, 1024, 33, 9]])
@@ -28,7 +27,6 @@ def test_prune_real_preset(preset, hidden, tmp_path, data_dir):
     with torch.no_grad():
         expected = res.model(input_ids=ids).logits
         expected_gen = res.model.generate(**prompt, max_new_tokens=10, do_sample=False)
-    del res
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.hidden_size == json.loads((out / "dietprune.json").read_text())["summary"]["hidden_size_after"]
