@@ -15,4 +15,14 @@ if [ -z "${DIETPRUNE_DATA_DIR:-}" ] && [ -d ../shared/benchdata ]; then export D
 # absolute, so tests that change directory still find it
 if [ -n "${DIETPRUNE_DATA_DIR:-}" ] && [ -d "$DIETPRUNE_DATA_DIR" ]; then DIETPRUNE_DATA_DIR=$(cd "$DIETPRUNE_DATA_DIR" && pwd); export DIETPRUNE_DATA_DIR; fi
 export DIETPRUNE_PROGRESS=0 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
-exec .venv/bin/python -m pytest -q --durations=15 tests "$@"
+# Two pytest-xdist workers on two or more cores, each with half the cores' threads: most tests run tiny
+# models that keep one core busy, and two threads per process mostly spin. Tests that share a session fixture
+# (a pruned preset) or fixed ports carry xdist_group marks. DIETPRUNE_TEST_WORKERS=0 runs in one process.
+workers=${DIETPRUNE_TEST_WORKERS:-2}
+cores=$(nproc 2>/dev/null || echo 1)
+xdist=()
+if [ "$workers" -gt 1 ] && [ "$cores" -ge 2 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
+  xdist=(-n "$workers" --dist loadgroup)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))}
+fi
+exec .venv/bin/python -m pytest -q --durations=15 ${xdist[@]+"${xdist[@]}"} tests "$@"

@@ -14,6 +14,8 @@ from dietprune.stats import Profile
 from tiny import save_tiny
 
 TASKS = "boolq,arc_easy"
+# under pytest-xdist: on one worker, one after another (their torchrun ports are derived from its pid)
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(

@@ -29,7 +29,10 @@ WORDS = ["the", "a", "is", "of", "and", "to", "in", "yes", "no", "it", "was", "f
 @pytest.fixture(autouse=True)
 def _no_env_data(monkeypatch):
     monkeypatch.delenv("DIETPRUNE_DATA_DIR", raising=False)  # user files only: no evaluation scan
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)  # not left at 1 for the test files after this one
 
 
 def _text(seed: int, n: int = 3000) -> str:
