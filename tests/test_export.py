@@ -302,14 +302,14 @@ def test_pruned_preset_in_llama_cpp(pruned_preset, tmp_path, preset):
     ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(text).input_ids
     ids = ids[:256]
     ref = hf_logits(model, ids)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = max(1, torch.get_num_threads())  # torch's share of the cores (one per pytest-xdist worker)
     f32 = export_gguf(ckpt, tmp_path / "f32.gguf", "f32")
-    llm = llama_cpp_model(f32.path, threads=2, n_ctx=512, f32_cache=True)
+    llm = llama_cpp_model(f32.path, threads=threads, n_ctx=512, f32_cache=True)
     rel, top1 = agreement(ref, llama_cpp_logits(llm, ids))
     greedy_same = llama_cpp_greedy(llm, ids[:32], 20) == hf_greedy(model, ids[:32], 20)
     del llm
     q8 = export_gguf(ckpt, tmp_path / "q8.gguf", "q8_0")
-    _, top1_q8 = agreement(ref, llama_cpp_logits(llama_cpp_model(q8.path, threads=2, n_ctx=512), ids))
+    _, top1_q8 = agreement(ref, llama_cpp_logits(llama_cpp_model(q8.path, threads=threads, n_ctx=512), ids))
     print(f"{preset}: f32 max rel diff {rel:.2e}, top-1 {top1:.4f}, greedy-20 identical {greedy_same}; "
           f"q8_0 top-1 {top1_q8:.4f} on {len(ids)} WikiText tokens; notes {f32.notes + q8.notes}")
     assert top1 == 1.0 and rel < 1e-2
