@@ -229,3 +229,74 @@ def test_register_adds_a_plugin_method(data_dir):
         assert res.model.config.hidden_size == 32 and res.kept.tolist() == list(range(32))
     finally:
         METHODS.pop("first-half")
+
+
+# ---- one unit for `sparsity`: the fraction of parameters removed, for every structured method ----
+def _hidden_cut_params(model, k):
+    """Parameters after actually cutting a copy to its first k hidden dimensions (independent of the counting)."""
+    import copy
+
+    from dietprune.adapters import param_count
+    from dietprune.surgery import prune_hidden_
+
+    net = copy.deepcopy(model)
+    prune_hidden_(net, torch.arange(k), adapter_for(net))
+    return param_count(net)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_hidden_methods_take_sparsity_as_the_parameter_fraction(arch):
+    """random / magnitude keep the width whose cut removes the parameter fraction nearest `sparsity`;
+    at 3.2% the hidden-dimension rounding (keep_count) kept all 64 dimensions, removing nothing."""
+    from dietprune.adapters import param_count
+    from dietprune.merge import keep_count
+    from dietprune.pipeline import prune
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    total = param_count(model)
+    reachable = {k: 1 - _hidden_cut_params(model, k) / total for k in range(4, 65, 4)}  # 4 heads: multiples of 4
+    for s in (0.032, 0.3044, 0.5):
+        best = min(abs(r - s) for r in reachable.values())
+        for method in ("random", "magnitude"):
+            res = prune(model, tokenizer=tok, sparsity=s, method=method, repair="none")
+            assert abs(res.summary["param_reduction"] - s) <= best + 1e-12, (method, s)
+    assert keep_count(64, 0.032, 4) == 64  # what the hidden-dimension unit would have kept
+    res = prune(model, tokenizer=tok, sparsity=0.032, method="random", repair="none")
+    assert res.summary["hidden_size_after"] == 60 and res.config.version == "2"
+
+
+def test_hidden_sparsity_keeps_the_hidden_dimension_unit(tmp_path, capsys):
+    from dietprune.cli import main
+    from dietprune.merge import keep_count
+    from dietprune.pipeline import prune
+    from dietprune.registry import PruneConfig, method_config
+    from tiny import save_tiny
+
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    for hs in (0.032, 0.3044):
+        res = prune(model, tokenizer=tok, method="magnitude", hidden_sparsity=hs, repair="none")
+        assert res.summary["hidden_size_after"] == keep_count(64, hs, 4)
+        assert res.config.hidden_sparsity == hs
+    with pytest.raises(DietpruneError, match="does not apply to diet-width"):
+        method_config("diet-width", hidden_sparsity=0.2)
+    with pytest.raises(DietpruneError, match="hidden_sparsity must be in"):
+        method_config("diet", hidden_sparsity=1.5)
+    with pytest.raises(DietpruneError, match="has no option hidden_sparsity"):
+        method_config("wanda-sp", hidden_sparsity=0.2)
+    # a config saved before version 2 meant hidden dimensions: it reads back as --hidden-sparsity
+    old = {**method_config("diet", sparsity=0.3).to_dict(), "version": "1"}
+    old.pop("hidden_sparsity")
+    back = PruneConfig.from_dict(old)
+    assert back.hidden_sparsity == 0.3 and back.version == "2"
+    width_v1 = {**method_config("shortgpt", sparsity=0.3).to_dict(), "version": "1"}
+    assert PruneConfig.from_dict(width_v1).sparsity == 0.3  # parameters already
+    folder = save_tiny(tmp_path / "m", "qwen2")
+    out = tmp_path / "o"
+    assert main(["prune", str(folder), "--method", "random", "--repair", "none", "--sparsity", "0.2",
+                 "--hidden-sparsity", "0.2", "--output", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err and not out.exists()
+    assert main(["prune", str(folder), "--method", "random", "--repair", "none", "--hidden-sparsity", "0.032",
+                 "--output", str(out)]) == 0
+    import json
+
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
