@@ -203,6 +203,13 @@ for name in a.weight_map:
 print(json.dumps({"tensors": len(a.weight_map), "max_abs_diff": worst}))
 """
 
+FIXED = r"""
+import sys
+import dietprune.cli, dietprune.pipeline  # noqa: F401
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1])
+"""
+
 RELOAD = r"""
 import json, sys, torch
 assert "dietprune" not in sys.modules
@@ -231,6 +238,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--skip-presets", action="store_true")
+    ap.add_argument("--presets", default="gemma3-270m,smollm2-135m")
+    ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="drop earlier cases from the results file")
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args()
@@ -258,17 +267,25 @@ def main() -> None:
 
     cases = []
     if not args.skip_presets:
-        for preset in ("gemma3-270m", "smollm2-135m"):
+        for preset in args.presets.split(","):
             cases.append((preset, convert_preset(preset, root), True))
-    small = write_synthetic(root / "synth-llama-2blocks", 2, args.hidden, args.intermediate, args.vocab,
-                            args.data_dir)
-    cases.append(("synthetic-llama-2blocks", small, True))
-    big = write_synthetic(root / f"synth-llama-{args.layers}blocks", args.layers, args.hidden, args.intermediate,
-                          args.vocab, args.data_dir)
-    cases.append((f"synthetic-llama-{args.layers}blocks", big, False))
+    if not args.skip_synthetic:
+        small = write_synthetic(root / "synth-llama-2blocks", 2, args.hidden, args.intermediate, args.vocab,
+                                args.data_dir)
+        cases.append(("synthetic-llama-2blocks", small, True))
+        big = write_synthetic(root / f"synth-llama-{args.layers}blocks", args.layers, args.hidden,
+                              args.intermediate, args.vocab, args.data_dir)
+        cases.append((f"synthetic-llama-{args.layers}blocks", big, False))
 
     for case, folder, both in cases:
         runs = {}
+        # the fixed cost: Python, torch, transformers and dietprune imported and the model's tokenizer loaded
+        fixed = measured([sys.executable, "-c", FIXED, str(folder)])
+        runs["fixed_cost"] = {"peak_rss_gib": gib(fixed["peak_rss_bytes"]),
+                              "peak_rss_polled_gib": gib(fixed["peak_rss_polled_bytes"]),
+                              "what": "python -c: import dietprune.cli, dietprune.pipeline, transformers; "
+                                      "AutoTokenizer.from_pretrained(folder)"}
+        print(f"{case:28s} fixed cost (imports + tokenizer) {runs['fixed_cost']['peak_rss_gib']:.2f} GiB", flush=True)
         for low in ((False, True) if both else (True,)):
             out = root / f"out-{case}-{'low' if low else 'mem'}"
             runs["streaming" if low else "in-memory"] = r = prune_run(folder, out, low, args)
