@@ -100,9 +100,6 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
                            examples=examples, offload=offload)
     if output is not None and distributed.is_main():
         prof.save(output)
-        from .outputs import publish_mode
-
-        publish_mode(output)
     distributed.barrier()
     return prof
 

@@ -300,3 +300,34 @@ def test_hidden_sparsity_keeps_the_hidden_dimension_unit(tmp_path, capsys):
     import json
 
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+
+
+# ---- files are written through a unique temporary name (outputs.atomic_file) ----
+def test_scores_and_results_never_touch_a_users_tmp_file(tmp_path, monkeypatch):
+    """`PATH.tmp` beside the target is a user's file: saving neither overwrites nor deletes it, and an
+    interrupt mid-write leaves no temporary file and the old target intact."""
+    import safetensors.torch
+
+    from dietprune.evaluate.results import save_results
+    from dietprune.stats import Profile, TaskStats
+
+    prof = Profile({"boolq": TaskStats(torch.rand(3, 8, dtype=torch.float64), 17, 4)}, {"tap": "norm-out"})
+    for path, write in ((tmp_path / "s.safetensors", prof.save), (tmp_path / "r.json",
+                                                                   lambda p: save_results({"a": 1}, p))):
+        mine = path.with_name(path.name + ".tmp")
+        mine.write_text("mine")
+        write(path)
+        assert mine.read_text() == "mine" and path.is_file()
+        assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+    before = (tmp_path / "s.safetensors").read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prof.save(tmp_path / "s.safetensors")
+    assert (tmp_path / "s.safetensors").read_bytes() == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "r.json.tmp", "s.safetensors",
+                                                          "s.safetensors.tmp"]
