@@ -222,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("DIETPRUNE_PROGRESS", "1") == "0":
-        _quiet_library_progress()
+    if os.environ.get("TQDM_DISABLE"):  # tqdm's switch (DIETPRUNE_PROGRESS=0 sets it): transformers' bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         with terminate_as_interrupt(), allow_incomplete(getattr(args, "allow_incomplete", False)):
             return handlers[args.command](args) or 0
@@ -243,19 +245,6 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(exc: BaseException) -> str:
     """An error message on one line (a message quoting a multi-line library error is joined)."""
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
-
-
-def _quiet_library_progress() -> None:
-    """DIETPRUNE_PROGRESS=0 also silences transformers' and datasets' own bars (loading, writing)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
 
 
 def _leave_process_group() -> None:

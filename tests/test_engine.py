@@ -331,3 +331,20 @@ def test_scores_and_results_never_touch_a_users_tmp_file(tmp_path, monkeypatch):
     assert (tmp_path / "s.safetensors").read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "r.json.tmp", "s.safetensors",
                                                           "s.safetensors.tmp"]
+
+
+@pytest.mark.parametrize("env, disabled", [({}, False), ({"TQDM_DISABLE": "1"}, True),
+                                           ({"DIETPRUNE_PROGRESS": "0"}, True)])
+def test_progress_follows_tqdms_own_switch(env, disabled):
+    """dietprune's bars obey TQDM_DISABLE (tqdm's switch); DIETPRUNE_PROGRESS=0 sets it, so the
+    bars of the hub (a tqdm subclass) go quiet too."""
+    import json
+    import os
+
+    code = ("import json, dietprune; from dietprune.progress import progress; "
+            "from huggingface_hub.utils import tqdm as hub_tqdm; "
+            "print(json.dumps([progress(range(2)).disable, hub_tqdm(range(2)).disable]))")
+    base = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "DIETPRUNE_PROGRESS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [disabled, disabled]
