@@ -340,7 +340,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         if use_rms:
             repair_info["rms_factors"] = plan.rms_factors()
         if not source.streamed:
-            repair_info.update(_cut_resident(net, lm.tokenizer, plan, config, examples, use_refit))
+            repair_info.update(cut_resident(net, lm.tokenizer, plan, config, examples, use_refit))
         elif use_refit:  # the dense targets, streamed now; the re-fit runs on the shards once they are written
             from .refit import capture_norm_outputs, fit_batch
 
@@ -414,7 +414,7 @@ def _select(method_fn, net, config: PruneConfig, ctx: MethodContext, source):
     return selection
 
 
-def _cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, use_refit: bool) -> dict:
+def cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, use_refit: bool) -> dict:
     """Repair and cut a resident model in place (then the re-fit, when asked); returns repair records."""
     info = {}
     if use_refit:
