@@ -348,3 +348,30 @@ def test_progress_follows_tqdms_own_switch(env, disabled):
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [disabled, disabled]
+
+
+def test_shard_writer_plans_with_huggingface_hub(tmp_path):
+    """One file when everything fits (model.safetensors, no index, as save_pretrained writes);
+    hub-named shards and an index otherwise; the tensors read back exactly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dietprune.streaming import ShardWriter
+
+    tensors = {f"w{i}": torch.randn(8, 16) for i in range(4)}
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    for folder, max_bytes in ((tmp_path / "one", 10**6), (tmp_path / "many", 1200)):
+        folder.mkdir()
+        writer = ShardWriter(folder, plan, max_bytes)
+        for n, t in tensors.items():
+            writer.write(n, t)
+        writer.close()
+        files = sorted(f.name for f in folder.iterdir())
+        back = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+        assert sorted(back) == sorted(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)
+        if max_bytes > 1200:
+            assert files == ["model.safetensors"]
+        else:
+            assert "model.safetensors.index.json" in files and "model-00001-of-00002.safetensors" in files
+            assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) == 4
