@@ -94,7 +94,8 @@ def add_prune(sub):
             from .registry import spec
 
             args.gguf, align, gguf_note = prepare_gguf(args.model, args.output, args.gguf, args.gguf_type,
-                                                       args.sparsity, args.align, args.overwrite)
+                                                       args.sparsity, args.align, args.overwrite,
+                                                       widths=spec(args.method).widths)
             if "align" in {f.name for f in dataclasses.fields(spec(args.method).config)}:
                 args.align = align
         kwargs = dict(tasks=args.tasks, sparsity=args.sparsity,

@@ -113,7 +113,7 @@ class HiddenConfig(PruneConfig):
     """Hidden-dimension methods: the kept width and the repairs of the shared cut."""
 
     tap: str = _opt(DEFAULT_TAP, "where activations are read (see docs/method.md)", TAPS, cli=False)
-    align: int = _opt(1, "keep a multiple of this many dimensions (e.g. 8, 64)")
+    align: int = _opt(1, "keep a multiple of this many dimensions (e.g. 8, 64; diet-width: MLP channels too)")
     repair: str = _opt("rms+ls", "training-free repair after the cut (default: see docs/method.md)", REPAIRS)
     ridge: float = _opt(1e-2, "ridge of the least-squares repair (ls)")
     refit_ridge: float = _opt(1e-3, "ridge of the sequential re-fit (refit), towards the weights it starts from")
