@@ -38,8 +38,7 @@ def state_sha(model) -> str:
 
 
 def check(preset: str, data_dir, do_eval: bool) -> dict:
-    from dietprune.merge import merge
-    from dietprune.methods import width_align
+    from dietprune.merge import merge_k
     from dietprune.models import load
     from dietprune.pipeline import prune
 
@@ -63,7 +62,7 @@ def check(preset: str, data_dir, do_eval: bool) -> dict:
         kept = res.kept.tolist()
         s = prof.score_matrix()
         scores = [[float(f"{v:.6g}") for v in row] for row in s.tolist()]
-        votes = merge(s, 0.2, "vote", width_align(lm.model, res.config)).votes.tolist()
+        votes = merge_k(s, len(res.kept), "vote").votes.tolist()
         out = {"votes_equal": votes == cell["profile"]["votes"], "state_sha256": state_sha(res.model)}
     diff = max(abs(a - b) / max(abs(b), 1e-30) for ra, rb in zip(scores, cell["profile"]["scores"])
                for a, b in zip(ra, rb))

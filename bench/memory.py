@@ -1,8 +1,8 @@
 """Peak memory and wall time of `dietprune prune`: in memory vs layer streaming (--low-memory).
 
 Every run is a child process (`python -m dietprune prune ...`); its peak resident set size is
-measured from outside: the kernel's ru_maxrss for that child (os.wait4) and, as a cross-check,
-psutil polling every 50 ms. Cases:
+the child's own VmHWM (printed as it exits; the kernel's ru_maxrss from os.wait4 is kept too, but
+it can carry this parent's peak across fork + exec) and, as a cross-check, psutil polling every 50 ms. Cases:
 
 - the two presets (GGUF files), converted once to safetensors folders (load + save_pretrained,
   float32) under the bench directory, since streaming reads safetensors only;
@@ -75,8 +75,11 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     stdout, stderr = "".join(out_chunks), "".join(err_chunks)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_rss_polled_bytes": polled[0],
-            "stdout": stdout}
+    # the child's own VmHWM when it reports one (ru_maxrss can carry this parent's peak across fork + exec)
+    hwm = [int(ln.split()[1]) * 1024 for ln in stderr.splitlines() if ln.startswith("VmHWM:")]
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": hwm[-1] if hwm else usage.ru_maxrss * 1024,
+            "peak_rss_source": "VmHWM" if hwm else "ru_maxrss", "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+            "peak_rss_polled_bytes": polled[0], "stdout": stdout}
 
 
 def folder_size(path: Path) -> int:
@@ -161,7 +164,7 @@ def write_synthetic(folder: Path, layers: int, hidden: int, intermediate: int, v
 
 # ---- one prune ----------------------------------------------------------------------------------
 def prune_run(model: Path, out: Path, low_memory: bool, args) -> dict:
-    cmd = [sys.executable, "-m", "dietprune", "prune", str(model), "--tasks", args.tasks, "--samples",
+    cmd = [sys.executable, "-c", PEAK, "prune", str(model), "--tasks", args.tasks, "--samples",
            str(args.samples), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
            "--sparsity", str(args.sparsity), "--output", str(out), "--overwrite", "--json",
            "--low-memory" if low_memory else "--no-low-memory", "--max-shard-size", args.max_shard_size]
@@ -203,6 +206,23 @@ for name in a.weight_map:
 print(json.dumps({"tensors": len(a.weight_map), "max_abs_diff": worst}))
 """
 
+HWM = "print(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')).strip(), file=sys.stderr)"
+PEAK = f"""
+import sys
+from dietprune.cli import main
+rc = main(sys.argv[1:])
+{HWM}
+sys.exit(rc)
+"""
+
+FIXED = f"""
+import sys
+import dietprune.cli, dietprune.pipeline  # noqa: F401
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1])
+{HWM}
+"""
+
 RELOAD = r"""
 import json, sys, torch
 assert "dietprune" not in sys.modules
@@ -231,6 +251,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--skip-presets", action="store_true")
+    ap.add_argument("--presets", default="gemma3-270m,smollm2-135m")
+    ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="drop earlier cases from the results file")
     ap.add_argument("--output", default=str(RESULTS))
     args = ap.parse_args()
@@ -258,17 +280,25 @@ def main() -> None:
 
     cases = []
     if not args.skip_presets:
-        for preset in ("gemma3-270m", "smollm2-135m"):
+        for preset in args.presets.split(","):
             cases.append((preset, convert_preset(preset, root), True))
-    small = write_synthetic(root / "synth-llama-2blocks", 2, args.hidden, args.intermediate, args.vocab,
-                            args.data_dir)
-    cases.append(("synthetic-llama-2blocks", small, True))
-    big = write_synthetic(root / f"synth-llama-{args.layers}blocks", args.layers, args.hidden, args.intermediate,
-                          args.vocab, args.data_dir)
-    cases.append((f"synthetic-llama-{args.layers}blocks", big, False))
+    if not args.skip_synthetic:
+        small = write_synthetic(root / "synth-llama-2blocks", 2, args.hidden, args.intermediate, args.vocab,
+                                args.data_dir)
+        cases.append(("synthetic-llama-2blocks", small, True))
+        big = write_synthetic(root / f"synth-llama-{args.layers}blocks", args.layers, args.hidden,
+                              args.intermediate, args.vocab, args.data_dir)
+        cases.append((f"synthetic-llama-{args.layers}blocks", big, False))
 
     for case, folder, both in cases:
         runs = {}
+        # the fixed cost: Python, torch, transformers and dietprune imported and the model's tokenizer loaded
+        fixed = measured([sys.executable, "-c", FIXED, str(folder)])
+        runs["fixed_cost"] = {"peak_rss_gib": gib(fixed["peak_rss_bytes"]),
+                              "peak_rss_polled_gib": gib(fixed["peak_rss_polled_bytes"]),
+                              "what": "python -c: import dietprune.cli, dietprune.pipeline, transformers; "
+                                      "AutoTokenizer.from_pretrained(folder)"}
+        print(f"{case:28s} fixed cost (imports + tokenizer) {runs['fixed_cost']['peak_rss_gib']:.2f} GiB", flush=True)
         for low in ((False, True) if both else (True,)):
             out = root / f"out-{case}-{'low' if low else 'mem'}"
             runs["streaming" if low else "in-memory"] = r = prune_run(folder, out, low, args)

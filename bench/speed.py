@@ -1,14 +1,16 @@
 """Speed and size of dense vs DIET-pruned presets in transformers and in llama.cpp.
 
     python bench/speed.py                      # prepare, measure the missing cells, write JSON and docs/speed.md
-    python bench/speed.py --sparsities 0.2     # only the 20% cells (the others can follow later)
+    python bench/speed.py --variants diet-20   # only these variants (dense is always measured)
     python bench/speed.py --render-only        # rebuild bench/results/speed.json and docs/speed.md from the cells
 
-Checkpoints: the dense model is the preset dequantized to float32; a pruned one is
-``dietprune.prune(preset, <the seven DIET tasks>, samples=100, sparsity=s)`` with the study's
-defaults (bench/structured.py), from one profile per preset (with Gram statistics) that is
-computed once and reused for every sparsity. Each checkpoint is exported with
-``dietprune.export.export_gguf`` as f16, q8_0 and q4_k_m.
+Checkpoints: the dense model is the preset dequantized to float32; variant ``diet-P`` is
+``dietprune.prune(preset, <the seven DIET tasks>, samples=100, sparsity=P/100)`` with the study's
+defaults (bench/structured.py), and ``width-P`` the same with ``method="diet-width", align=32``
+(MLP channels and hidden width multiples of 32, as ``prune --gguf`` picks, so q8_0 rows divide),
+each from one profile per preset (with Gram, and width statistics for ``width-P``) computed once
+and reused for every sparsity. Each checkpoint is exported with ``dietprune.export.export_gguf``
+as f32, f16, q8_0 and q4_k_m.
 
 A cell is (preset, variant, runtime); runtimes are ``hf-f32`` (transformers, float32, CPU) and
 ``llama-f16`` / ``llama-q8_0`` / ``llama-q4_k_m`` (llama-cpp-python). Each measurement runs in a
@@ -41,8 +43,17 @@ PROMPT_TOKENS = 512
 NEW_TOKENS = 128
 
 
-def variant_name(sparsity: float) -> str:
-    return "dense" if sparsity == 0 else f"diet-{round(sparsity * 100)}"
+VARIANT_METHODS = {"diet": ("diet", 1), "width": ("diet-width", 32)}  # name prefix -> (method, align)
+
+
+def parse_variant(name: str) -> tuple[str, float]:
+    """'dense' -> ('dense', 0.0); 'width-20' -> ('width', 0.2)."""
+    if name == "dense":
+        return "dense", 0.0
+    kind, _, pct = name.rpartition("-")
+    if kind not in VARIANT_METHODS or not pct.isdigit() or not 0 < int(pct) < 100:
+        raise SystemExit(f"speed.py: unknown variant {name!r} (dense, diet-P or width-P with P in 1..99)")
+    return kind, int(pct) / 100
 
 
 # ---- preparation (checkpoints, GGUF files, the prompt) --------------------------------------
@@ -51,45 +62,49 @@ def work_dir(args) -> Path:
     return Path(args.work).expanduser()
 
 
-def checkpoint(args, preset: str, sparsity: float) -> Path:
+def checkpoint(args, preset: str, variant: str) -> Path:
     """The checkpoint folder of one variant, made once."""
     from dietprune.models import gguf_cache_entry, load, resolve
 
+    kind, sparsity = parse_variant(variant)
     if sparsity == 0:
         path, kwargs, _ = resolve(preset)
         entry = gguf_cache_entry(Path(path) / kwargs["gguf_file"], __import__("torch").float32)
         if entry is None or not (entry / ".dietprune-complete").is_file():
             load(preset)  # writes the dequantized cache
         return entry
-    out = work_dir(args) / preset / variant_name(sparsity)
+    out = work_dir(args) / preset / variant
     if (out / "config.json").is_file():
         return out
     from dietprune.pipeline import profile, prune
     from dietprune.tasks import DIET_TASKS
 
-    scores = work_dir(args) / preset / "profile-diet7-s100.safetensors"
+    method, align = VARIANT_METHODS[kind]
+    widths = method == "diet-width"
+    scores = work_dir(args) / preset / f"profile-diet7-s100{'-widths' if widths else ''}.safetensors"
     if not scores.is_file():
         scores.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        profile(preset, list(DIET_TASKS), samples=100, seed=0, gram=True, output=str(scores), data_dir=args.data_dir)
+        profile(preset, list(DIET_TASKS), samples=100, seed=0, gram=True, widths=widths, output=str(scores),
+                data_dir=args.data_dir)
         print(f"[speed] profiled {preset} in {time.perf_counter() - t0:.0f}s", flush=True)
     res = prune(preset, tasks=list(DIET_TASKS), sparsity=sparsity, samples=100, seed=0, scores=str(scores),
-                output=str(out), data_dir=args.data_dir)
-    print(f"[speed] pruned {preset} at {sparsity:.0%}: hidden {res.summary['hidden_size_after']}", flush=True)
+                output=str(out), data_dir=args.data_dir, method=method, align=align)
+    print(f"[speed] pruned {preset} {variant}: hidden {res.summary['hidden_size_after']}", flush=True)
     return out
 
 
-def gguf_file(args, preset: str, sparsity: float, gguf_type: str) -> Path:
+def gguf_file(args, preset: str, variant: str, gguf_type: str) -> Path:
     from dietprune.export import export_gguf
 
-    out = work_dir(args) / preset / f"{variant_name(sparsity)}.{gguf_type}.gguf"
+    out = work_dir(args) / preset / f"{variant}.{gguf_type}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         # the dense checkpoint (the dequantized cache) has no dietprune.json: name the preset's GGUF for its tokenizer
         from dietprune.models import PRESETS
 
-        tok = "auto" if sparsity else str(PRESETS[preset].gguf_path())
-        res = export_gguf(checkpoint(args, preset, sparsity), out, gguf_type, tokenizer=tok)
+        tok = "auto" if variant != "dense" else str(PRESETS[preset].gguf_path())
+        res = export_gguf(checkpoint(args, preset, variant), out, gguf_type, tokenizer=tok)
         for note in res.notes:
             print(f"[speed] {out.name}: {note}", flush=True)
     return out
@@ -105,7 +120,7 @@ def prompt_ids(args, preset: str) -> list[int]:
     from dietprune.data import load_rows
     from dietprune.tasks import get_task
 
-    tok = AutoTokenizer.from_pretrained(checkpoint(args, preset, 0))
+    tok = AutoTokenizer.from_pretrained(checkpoint(args, preset, "dense"))
     rows = [r["text"] for r in load_rows(get_task("wikitext2"), "eval", args.data_dir)]
     ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
     for text in rows:
@@ -118,11 +133,11 @@ def prompt_ids(args, preset: str) -> list[int]:
     return ids
 
 
-def describe(args, preset: str, sparsity: float) -> dict:
+def describe(args, preset: str, variant: str) -> dict:
     """Parameters and shapes of a checkpoint (read from its safetensors headers, no weights loaded)."""
     from safetensors import safe_open
 
-    ckpt = checkpoint(args, preset, sparsity)
+    ckpt = checkpoint(args, preset, variant)
     cfg = json.loads((ckpt / "config.json").read_text())
     n = 0
     embed = 0
@@ -137,6 +152,7 @@ def describe(args, preset: str, sparsity: float) -> dict:
                 if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight"):
                     embed += count
     return {"params": n, "embedding_params": embed, "hidden_size": cfg["hidden_size"],
+            "intermediate_size": cfg.get("intermediate_size"),
             "vocab_size": cfg["vocab_size"], "tied": bool(cfg.get("tie_word_embeddings", False))}
 
 
@@ -187,38 +203,38 @@ def worker(args) -> dict:
             "rss": "VmHWM"}
 
 
-def measure(args, preset: str, sparsity: float, runtime: str) -> dict:
+def measure(args, preset: str, variant: str, runtime: str) -> dict:
     if runtime == "hf-f32":
-        model = checkpoint(args, preset, sparsity)
+        model = checkpoint(args, preset, variant)
     else:
-        model = gguf_file(args, preset, sparsity, runtime.split("-", 1)[1])
+        model = gguf_file(args, preset, variant, runtime.split("-", 1)[1])
     cmd = [sys.executable, __file__, "--worker", "--runtime", runtime, "--model", str(model),
            "--prompt", str(work_dir(args) / preset / "prompt.json"), "--threads", str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{preset} {sparsity} {runtime}: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{preset} {variant} {runtime}: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---- the cells -----------------------------------------------------------------------------
 
-def cell_path(args, preset, sparsity, runtime) -> Path:
-    return Path(args.cells_dir) / f"{preset}__{variant_name(sparsity)}__{runtime}.json"
+def cell_path(args, preset, variant, runtime) -> Path:
+    return Path(args.cells_dir) / f"{preset}__{variant}__{runtime}.json"
 
 
-def load_cell(args, preset, sparsity, runtime) -> dict:
-    p = cell_path(args, preset, sparsity, runtime)
+def load_cell(args, preset, variant, runtime) -> dict:
+    p = cell_path(args, preset, variant, runtime)
     if p.is_file():
         cell = json.loads(p.read_text())
         if cell.get("settings") == settings(args):
             return cell
-    return {"preset": preset, "variant": variant_name(sparsity), "sparsity": sparsity, "runtime": runtime,
+    return {"preset": preset, "variant": variant, "sparsity": parse_variant(variant)[1], "runtime": runtime,
             "settings": settings(args), "repeats": []}
 
 
 def save_cell(args, cell) -> None:
-    p = cell_path(args, cell["preset"], cell["sparsity"], cell["runtime"])
+    p = cell_path(args, cell["preset"], cell["variant"], cell["runtime"])
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(cell, indent=1))
@@ -229,43 +245,42 @@ def settings(args) -> dict:
     return {"threads": args.threads, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
 
 
-def plan(args) -> list[tuple[str, float, str]]:
-    # the 20% cells (with their dense references) first, then the other sparsities
-    sparsities = sorted(args.sparsities, key=lambda s: (s != 0.2, s))
+def plan(args) -> list[tuple[str, str, str]]:
+    # the dense references first, then the variants in the order given
     cells = []
-    for s in [0.0] + sparsities:
+    for v in ["dense"] + [v for v in args.variants if v != "dense"]:
         for preset in args.presets:
             for runtime in args.runtimes:
-                cells.append((preset, s, runtime))
+                cells.append((preset, v, runtime))
     return cells
 
 
 def run(args) -> None:
     cells = plan(args)
     for preset in args.presets:
-        for s in [0.0] + list(args.sparsities):
-            checkpoint(args, preset, s)
+        for v in ["dense"] + list(args.variants):
+            checkpoint(args, preset, v)
             for runtime in args.runtimes:
                 if runtime != "hf-f32":
-                    gguf_file(args, preset, s, runtime.split("-", 1)[1])
+                    gguf_file(args, preset, v, runtime.split("-", 1)[1])
         prompt_ids(args, preset)
     for rep in range(args.repeats):
-        for preset, s, runtime in cells:
-            cell = load_cell(args, preset, s, runtime)
+        for preset, v, runtime in cells:
+            cell = load_cell(args, preset, v, runtime)
             if len(cell["repeats"]) > rep:
                 continue
-            m = measure(args, preset, s, runtime)
+            m = measure(args, preset, v, runtime)
             m["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             cell["repeats"].append(m)
-            if "model" not in cell:
-                cell["model"] = describe(args, preset, s)
+            if "intermediate_size" not in cell.get("model", {}):
+                cell["model"] = describe(args, preset, v)
                 if runtime != "hf-f32":
-                    cell["file_bytes"] = gguf_file(args, preset, s, runtime.split("-", 1)[1]).stat().st_size
+                    cell["file_bytes"] = gguf_file(args, preset, v, runtime.split("-", 1)[1]).stat().st_size
                 else:
-                    weights = checkpoint(args, preset, s).glob("*.safetensors")
+                    weights = checkpoint(args, preset, v).glob("*.safetensors")
                     cell["file_bytes"] = sum(f.stat().st_size for f in weights)
             save_cell(args, cell)
-            print(f"[speed] round {rep + 1}: {preset} {variant_name(s)} {runtime}: prefill {m['prefill_tok_s']:.0f} "
+            print(f"[speed] round {rep + 1}: {preset} {v} {runtime}: prefill {m['prefill_tok_s']:.0f} "
                   f"tok/s, decode {m['decode_tok_s']:.1f} tok/s, rss {m['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
 
@@ -277,7 +292,7 @@ def wikitext_windows(args, preset: str, n_windows: int) -> list[list[int]]:
     from dietprune.data import load_rows
     from dietprune.tasks import get_task
 
-    tok = AutoTokenizer.from_pretrained(checkpoint(args, preset, 0))
+    tok = AutoTokenizer.from_pretrained(checkpoint(args, preset, "dense"))
     ids: list[int] = []
     for text in (r["text"] for r in load_rows(get_task("wikitext2"), "eval", args.data_dir)):
         ids += tok(text, add_special_tokens=False).input_ids
@@ -298,13 +313,13 @@ def _nll(logits, ids) -> float:
     return float((logz - x[np.arange(len(ids) - 1), ids[1:]]).sum())
 
 
-def agreement(args, preset: str, sparsity: float) -> dict:
+def agreement(args, preset: str, variant: str) -> dict:
     """GGUF files in llama.cpp vs the checkpoint in transformers (float32), on WikiText windows.
 
     Per type: max |logit difference| / max |logit|, top-1 agreement, 20 greedy tokens, and the
     perplexity of the same tokens (so the cost of q8_0 / q4_k_m is measured, not assumed).
     """
-    path = Path(args.cells_dir) / f"{preset}__{variant_name(sparsity)}__agreement.json"
+    path = Path(args.cells_dir) / f"{preset}__{variant}__agreement.json"
     if path.is_file():
         return json.loads(path.read_text())
     import math
@@ -316,10 +331,10 @@ def agreement(args, preset: str, sparsity: float) -> dict:
     from dietprune.export import llama_cpp_greedy, llama_cpp_logits, llama_cpp_model
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint(args, preset, sparsity), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(args, preset, variant), dtype=torch.float32).eval()
     windows = wikitext_windows(args, preset, args.agreement_windows)
     types = ("f32", "q8_0", "q4_k_m")
-    llms = {t: llama_cpp_model(gguf_file(args, preset, sparsity, t), threads=args.threads, n_ctx=PROMPT_TOKENS,
+    llms = {t: llama_cpp_model(gguf_file(args, preset, variant, t), threads=args.threads, n_ctx=PROMPT_TOKENS,
                                f32_cache=t == "f32") for t in types}
     acc = {t: {"rel": 0.0, "same": 0, "nll": 0.0} for t in ("hf-f32",) + types}
     n_pred = 0
@@ -341,7 +356,7 @@ def agreement(args, preset: str, sparsity: float) -> dict:
         for _ in range(20):
             hf_greedy.append(int(model(torch.tensor([prompt + hf_greedy])).logits[0, -1].argmax()))
     n_tok = sum(map(len, windows))
-    out = {"preset": preset, "variant": variant_name(sparsity), "tokens": n_tok,
+    out = {"preset": preset, "variant": variant, "tokens": n_tok,
            "hf-f32": {"ppl": math.exp(acc["hf-f32"]["nll"] / n_pred)}}
     for t in types:
         out[t] = {"max_rel_diff": acc[t]["rel"], "top1_agreement": acc[t]["same"] / n_tok,
@@ -350,7 +365,7 @@ def agreement(args, preset: str, sparsity: float) -> dict:
     del llms
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print(f"[speed] agreement {preset} {variant_name(sparsity)}: {out}", flush=True)
+    print(f"[speed] agreement {preset} {variant}: {out}", flush=True)
     return out
 
 
@@ -428,12 +443,14 @@ def study_figures() -> dict:
         d = json.loads(dense.read_text())
         chance = chance_of(d)
         for s in (0.1, 0.2, 0.3):
-            f = cells_dir / f"{preset}__diet__{s:.2f}__0__default.json"
-            if f.is_file():
-                c = json.loads(f.read_text())
-                out[f"{preset}/diet-{round(s * 100)}"] = {
-                    "avg": c["avg"], "ppl": c["ppl"], "skill_retained": (c["avg"] - chance) / (d["avg"] - chance),
-                    "hidden": c["summary"]["hidden_size_after"], "kept": c["kept"]}
+            for kind, (method, _) in VARIANT_METHODS.items():
+                f = cells_dir / f"{preset}__{method}__{s:.2f}__0__default.json"
+                if f.is_file():
+                    c = json.loads(f.read_text())
+                    out[f"{preset}/{kind}-{round(s * 100)}"] = {
+                        "avg": c["avg"], "ppl": c["ppl"], "skill_retained": (c["avg"] - chance) / (d["avg"] - chance),
+                        "hidden": c["summary"]["hidden_size_after"], "kept": c.get("kept"),
+                        "align": (c.get("config") or {}).get("align", 1)}
         out[f"{preset}/dense"] = {"avg": d["avg"], "ppl": d["ppl"], "skill_retained": 1.0}
     del data
     return out
@@ -456,7 +473,7 @@ def render(results: dict) -> str:
         return f"{st['median']:.{digits}f} ({st['min']:.{digits}f}–{st['max']:.{digits}f})"
 
     lines = [
-        "# Speed and size: dense vs DIET-pruned, transformers vs llama.cpp",
+        "# Speed and size: dense vs pruned (DIET, diet-width), transformers vs llama.cpp",
         "",
         "Generated by `bench/speed.py` from `bench/results/speed.json` (cells in `bench/results/speed/`); do not edit.",
         "",
@@ -497,16 +514,21 @@ def render(results: dict) -> str:
         if not prs:
             continue
         lines += [f"## {preset}", "",
-                  "| variant | runtime | hidden | params | size MiB | prefill tok/s | decode tok/s | peak RSS MiB | "
+                  "| variant | runtime | hidden | MLP | params | size MiB | prefill tok/s | decode tok/s | peak RSS MiB | "
                   "prefill × | P3 prefill | decode × | decode × / bytes × |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        order = {"dense": 0, "diet-10": 1, "diet-20": 2, "diet-30": 3}
-        for r in sorted(prs, key=lambda r: (RUNTIMES.index(r["runtime"]), order.get(r["variant"], 9))):
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def order(v):
+            kind, sp = parse_variant(v)
+            return (sp > 0, kind, sp)
+
+        for r in sorted(prs, key=lambda r: (RUNTIMES.index(r["runtime"]), order(r["variant"]))):
             extra = ["", "", "", ""]
             if "P3_prefill" in r:
                 extra = [f"{r['prefill_speedup']['median']:.2f}", f"{r['P3_prefill']:.2f}",
                          f"{r['decode_speedup']['median']:.2f}", f"{r['decode_vs_bytes']:.2f}"]
             lines.append(f"| {r['variant']} | {r['runtime']} | {r['model']['hidden_size']} | "
+                         f"{r['model'].get('intermediate_size') or '–'} | "
                          f"{r['model']['params'] / 1e6:.1f}M | {r['file_bytes'] / mib:.0f} | {fmt(r['prefill'])} | "
                          f"{fmt(r['decode'], 1)} | {rss_text(r)} | " + " | ".join(extra) + " |")
         emb = prs[0]["model"]
@@ -526,8 +548,9 @@ def rss_text(r) -> str:
 def decision_table(results, preset) -> list[str]:
     rows = {(r["variant"], r["runtime"]): r for r in results["rows"] if r["preset"] == preset}
     study = results.get("study", {})
-    picks = [("dense", "llama-q8_0"), ("diet-20", "llama-q8_0"), ("dense", "llama-q4_k_m")]
-    if not all(p in rows for p in picks):
+    picks = [p for p in [("dense", "llama-q8_0"), ("diet-20", "llama-q8_0"), ("width-20", "llama-q8_0"),
+                         ("dense", "llama-q4_k_m")] if p in rows]
+    if len(picks) < 3:
         return []
     agree = {(a["preset"], a["variant"]): a for a in results.get("agreement", [])}
     out = ["### Which file to ship", "",
@@ -546,15 +569,18 @@ def decision_table(results, preset) -> list[str]:
                    f"{r['decode']['median']:.1f} | {skill} | {ppl} | {here} |")
     out += ["", "Skill retained and the study's perplexity are float32 figures from the structured study "
             "(docs/results.md, bench/results/structured.json: the dense model and its 20% DIET checkpoint, same "
-            "settings as here); quantization's effect on the seven tasks was not evaluated, its effect on perplexity "
-            "is the last column (the agreement section's WikiText windows, shorter than the study's).", ""]
+            "settings as here; for width-20 the study's diet-width cell, cut without alignment, so its MLP width "
+            "differs from this file's by less than 32 channels); quantization's effect on the seven tasks was not "
+            "evaluated, its effect on perplexity is the last column (the agreement section's WikiText windows, "
+            "shorter than the study's).", ""]
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--sparsities", default="0.2,0.1,0.3")
+    ap.add_argument("--variants", default="diet-20,width-20,diet-10,diet-30,width-10,width-30",
+                    help="dense is always measured; diet-P: DIET at P%% of parameters; width-P: diet-width, align 32")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -565,7 +591,7 @@ def main(argv=None) -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "speed.md"))
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--agreement", action="store_true",
-                    help="instead of timing: llama.cpp (f32, q8_0) vs transformers on the --sparsities checkpoints")
+                    help="instead of timing: llama.cpp (f32, q8_0, q4_k_m) vs transformers on the --variants checkpoints")
     ap.add_argument("--agreement-windows", type=int, default=4, help="WikiText windows of 512 tokens")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--runtime", help=argparse.SUPPRESS)
@@ -576,12 +602,14 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     args.presets = [p for p in args.presets.split(",") if p]
-    args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    args.variants = [v for v in args.variants.split(",") if v]
+    for v in args.variants:
+        parse_variant(v)
     args.runtimes = [r for r in args.runtimes.split(",") if r]
     if args.agreement:
         for preset in args.presets:
-            for s in args.sparsities:
-                agreement(args, preset, s)
+            for v in args.variants:
+                agreement(args, preset, v)
     elif not args.render_only:
         run(args)
     results = collect(args)

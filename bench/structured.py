@@ -25,9 +25,9 @@ Plan, in this order, so that a partial run holds the headline numbers first:
 4. every method at the other sparsities.
 
 Method labels are registry names plus ``diet-norepair`` (DIET with ``repair="none"``).
-``sparsity`` is what ``prune`` takes: hidden-dimension sparsity for the hidden-dimension
-methods (diet*, random, magnitude, agnostic), parameter sparsity for wanda-sp, flap and
-shortgpt. The parameter reduction actually achieved (``summary["param_reduction"]``) is
+``sparsity`` is what ``prune`` takes: the parameter fraction for every method (the cells of
+diet*, random, magnitude and agnostic ran when it meant hidden dimensions; on both presets both
+units give the same widths, see docs/method.md §2). The parameter reduction actually achieved (``summary["param_reduction"]``) is
 recorded for every cell and cells more than ``--flag-tolerance`` off the target are flagged.
 
 Outputs: ``--out`` (results JSON), ``--doc`` (markdown generated from that JSON only),
@@ -185,8 +185,7 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
 
     from dietprune.evaluate import evaluate, perplexity
     from dietprune.evaluate.paired import compact_records
-    from dietprune.merge import merge
-    from dietprune.methods import width_align
+    from dietprune.merge import merge_k
     from dietprune.pipeline import prune
 
     tasks = settings["tasks"]
@@ -219,7 +218,7 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
                                                                "chosen", "kl_probe", "search_seconds")}
         if res.profile is not None and method == "diet" and not spec["variant"] and spec["label"] == "diet":
             scores = res.profile.score_matrix()
-            votes = merge(scores, spec["sparsity"], "vote", width_align(lm.model, res.config)).votes
+            votes = merge_k(scores, len(res.kept), "vote").votes
             cell["profile"] = {"tasks": list(res.profile.tasks),
                                "scores": [[float(f"{v:.6g}") for v in row] for row in scores.tolist()],
                                "votes": [int(v) for v in votes.tolist()]}
@@ -605,8 +604,9 @@ def render(state: dict) -> str:
          "- Caveat: `agnostic` calibrates on `wikitext2/calib.jsonl`, and that file is the first 1009 rows of "
          "`wikitext2/test.jsonl`, the text `perplexity()` reads (the wikitext2 task's eval split): its perplexity "
          "is measured partly on its own calibration text; compare it on accuracy.",
-         "- `sparsity` is what `prune()` takes: hidden-dimension sparsity for diet*, random, magnitude and "
-         "agnostic; parameter sparsity for wanda-sp, flap and shortgpt. **params −** is the parameter "
+         "- `sparsity` is what `prune()` takes: the fraction of parameters removed, for every method (cells of "
+         "diet*, random, magnitude and agnostic ran when it meant hidden dimensions; on both presets both units "
+         "give the same widths, docs/method.md §2). **params −** is the parameter "
          "reduction achieved (`summary[\"param_reduction\"]`), measured the same way for all; ⚑ marks cells "
          f"more than {tol:.0%} off the target.",
          f"- `diet` uses the package defaults ({_diet_defaults(cells)}); `diet-norepair` is the "

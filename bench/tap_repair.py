@@ -24,8 +24,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dietprune.adapters import adapter_for  # noqa: E402
-from dietprune.encoding import batches, calibration_ids, wants_bos  # noqa: E402
 from dietprune.evaluate import perplexity  # noqa: E402
 from dietprune.merge import merge  # noqa: E402
 from dietprune.methods import magnitude, random_dims, width_align  # noqa: E402
@@ -33,37 +31,19 @@ from dietprune.registry import method_config  # noqa: E402
 from dietprune.models import load  # noqa: E402
 from dietprune.profile import ProfileConfig, load_calibration  # noqa: E402
 from dietprune.profile import profile as run_profile  # noqa: E402
-from dietprune.refit import capture_norm_outputs, reader_weights, refit_readers_  # noqa: E402
-from dietprune.repair import ls_compensate_, rms_correct_  # noqa: E402
-from dietprune.surgery import prune_hidden_  # noqa: E402
+from dietprune.pipeline import cut_resident  # noqa: E402
+from dietprune.repair import CutPlan, parse_repair, uses_refit  # noqa: E402
 
 REPAIRS = ("none", "rms", "rms+ls", "refit", "rms+refit")
 
 
-def fit_batch(tokenizer, model, examples: dict, n: int, max_length: int, seed: int):
-    """One right-padded batch of `n` calibration sequences drawn evenly from the tasks."""
-    pooled = [e for ex in examples.values() for e in ex]
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(pooled), generator=g)[:n].tolist()
-    seqs = calibration_ids(tokenizer, [pooled[i] for i in pick], wants_bos(model), max_length)
-    return next(batches(seqs, len(seqs), tokenizer.pad_token_id or 0))
-
-
-def apply_variant(dense, kept, repair: str, norms, fit, ridge: float):
+def apply_variant(dense, tok, kept, repair: str, norms, examples, args):
+    """A copy of `dense` repaired and cut as `prune` does it (repair.CutPlan, pipeline.cut_resident)."""
+    cfg = method_config("diet", repair=repair, refit_ridge=args.ridge, fit_samples=args.fit_samples,
+                        fit_max_length=256)
     model = copy.deepcopy(dense)
-    adapter = adapter_for(model)
-    if "rms" in repair:
-        rms_correct_(model, kept, norms, adapter)
-    if repair.endswith("+ls"):
-        ls_compensate_(model, kept, norms, 1e-2, adapter)
-    targets = weights = None
-    if "refit" in repair:
-        ids, attn = fit
-        targets = capture_norm_outputs(dense, ids, attn)
-        weights = reader_weights(dense)
-    prune_hidden_(model, kept, adapter)
-    if "refit" in repair:
-        refit_readers_(model, weights, targets, ids, attn, ridge=ridge)
+    rms, ls = parse_repair(repair)
+    cut_resident(model, tok, CutPlan(model, kept, norms, rms=rms, ls=ls), cfg, examples, uses_refit(repair))
     return model
 
 
@@ -117,7 +97,6 @@ def main() -> int:
         prof = run_profile(dense, tok, args.tasks, ProfileConfig(samples=args.samples, gram=True),
                            data_dir=args.data_dir, examples=examples)
         norms = prof.norms
-    fit = fit_batch(tok, dense, examples, args.fit_samples, 256, seed=0)
 
     names = list(masks)
     for i, a in enumerate(names):
@@ -132,7 +111,7 @@ def main() -> int:
                 print(f"{key:28s} ppl {state['cells'][key]['ppl']:10.2f}  (cached)", flush=True)
                 continue
             t1 = time.perf_counter()
-            model = apply_variant(dense, kept, repair, norms, fit, args.ridge)
+            model = apply_variant(dense, tok, kept, repair, norms, examples, args)
             ppl = perplexity(model, tok, args.data_dir, max_tokens=args.ppl_tokens)
             state["cells"][key] = {"ppl": ppl, "hidden": int(model.config.hidden_size),
                                    "seconds": round(time.perf_counter() - t1, 1)}

@@ -14,9 +14,13 @@ made callable, forwarding to the function, so the calls above work in any order 
 ``dietprune.profile.ProfileConfig`` still names the class.
 """
 
+import os
 import sys
 import types
 from importlib import import_module
+
+if os.environ.get("DIETPRUNE_PROGRESS") == "0":  # the older switch, as tqdm's own (read when tqdm is imported)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 __version__ = "0.1.0"
 

@@ -64,9 +64,9 @@ def _diet_tasks():
 def add_prune(sub):
     p = sub.add_parser("prune", help="profile, merge, cut and save a smaller checkpoint")
     _common_model_args(p)
-    p.add_argument("--sparsity", type=float, default=0.2, help="fraction removed, in [0, 1): of hidden dimensions "
-                   "for diet (and the other hidden-dimension methods), of parameters for diet-width and the "
-                   "head/channel/layer baselines")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of the parameters removed, in [0, 1), "
+                   "for every method (default 0.2; --hidden-sparsity gives hidden-dimension methods a fraction of "
+                   "hidden dimensions instead)")
     p.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     p.add_argument("--method", default="diet", help="structured method (see `dietprune ls`)")
     p.add_argument("--scores", default=None, help="reuse a scores file written by `dietprune profile`")
@@ -87,14 +87,20 @@ def add_prune(sub):
         from .pipeline import format_summary, prune
 
         gguf_note = None
+        if args.sparsity is not None and args.hidden_sparsity is not None:
+            raise DietpruneError("give --sparsity (parameters) or --hidden-sparsity (hidden dimensions), not both")
+        if args.sparsity is None:
+            args.sparsity = 0.2
         if args.gguf is not None:
             if args.heal_tokens:
                 raise DietpruneError("--gguf with --heal-tokens: heal first, then `dietprune export` the healed folder")
             from .export import prepare_gguf
             from .registry import spec
 
+            hidden = args.sparsity if args.hidden_sparsity is None else args.hidden_sparsity
             args.gguf, align, gguf_note = prepare_gguf(args.model, args.output, args.gguf, args.gguf_type,
-                                                       args.sparsity, args.align, args.overwrite)
+                                                       hidden, args.align, args.overwrite,
+                                                       widths=spec(args.method).widths)
             if "align" in {f.name for f in dataclasses.fields(spec(args.method).config)}:
                 args.align = align
         kwargs = dict(tasks=args.tasks, sparsity=args.sparsity,
@@ -217,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("DIETPRUNE_PROGRESS", "1") == "0":
-        _quiet_library_progress()
+    if os.environ.get("TQDM_DISABLE"):  # tqdm's switch (DIETPRUNE_PROGRESS=0 sets it): transformers' bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         with terminate_as_interrupt(), allow_incomplete(getattr(args, "allow_incomplete", False)):
             return handlers[args.command](args) or 0
@@ -238,19 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(exc: BaseException) -> str:
     """An error message on one line (a message quoting a multi-line library error is joined)."""
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
-
-
-def _quiet_library_progress() -> None:
-    """DIETPRUNE_PROGRESS=0 also silences transformers' and datasets' own bars (loading, writing)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
 
 
 def _leave_process_group() -> None:

@@ -1,8 +1,8 @@
 """Several processes profiling one model: torchrun / accelerate launch.
 
 Each process profiles its own deterministic share of every task's sampled examples; the sums
-and counts are then added across processes with ``torch.distributed.all_reduce`` (gloo on CPU,
-NCCL on GPU). Statistics are sums, so the result equals one process over all samples (up to
+and counts are then added across processes (accelerate's ``PartialState`` and ``reduce``: gloo on
+CPU, NCCL on GPU). Statistics are sums, so the result equals one process over all samples (up to
 float64 summation order). Only rank 0 writes files. A single process is world size 1 and
 every function here is a no-op.
 """
@@ -21,33 +21,19 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _backend() -> str:
-    return "nccl" if torch.cuda.is_available() and os.environ.get("DIETPRUNE_DEVICE", "cuda") != "cpu" else "gloo"
+def _state():
+    """accelerate's process state (joins the launcher's process group once: NCCL on GPUs, gloo on CPU)."""
+    from accelerate import PartialState
 
-
-def init() -> None:
-    """Join the process group the launcher described in the environment (once)."""
-    import torch.distributed as dist
-
-    if launched() and not dist.is_initialized():
-        backend = _backend()
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+    return PartialState(cpu=not torch.cuda.is_available() or os.environ.get("DIETPRUNE_DEVICE") == "cpu")
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
-    init()
-    return dist.get_rank() if dist.is_initialized() else 0
+    return _state().process_index if launched() else 0
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
-    init()
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return _state().num_processes if launched() else 1
 
 
 def is_main() -> bool:
@@ -56,9 +42,7 @@ def is_main() -> bool:
 
 def device() -> str | None:
     """The device this process should put its model on: its own GPU under a multi-GPU launch."""
-    if launched() and _backend() == "nccl":
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return None
+    return str(_state().device) if launched() and _state().device.type == "cuda" else None
 
 
 def shard(items: list) -> list:
@@ -71,11 +55,9 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over all processes (returns `t` itself in a single process)."""
     if world_size() == 1:
         return t
-    import torch.distributed as dist
+    from accelerate.utils import reduce
 
-    work = t.to(f"cuda:{torch.cuda.current_device()}") if _backend() == "nccl" else t.clone()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(t.device)
+    return reduce(t.to(_state().device), reduction="sum").to(t.device)
 
 
 def reduce_task_stats(st: TaskStats) -> TaskStats:
@@ -86,7 +68,5 @@ def reduce_task_stats(st: TaskStats) -> TaskStats:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
+    if launched():
+        _state().wait_for_everyone()

@@ -434,13 +434,17 @@ def _umask() -> int:
     return mask
 
 
-def gguf_align(config, sparsity: float) -> tuple[int, str | None]:
+def gguf_align(config, sparsity: float, widths: bool = False) -> tuple[int, str | None]:
     """The --align that `prune --gguf` uses when the user gave none, and a note when it is 1.
 
     32 (q8_0 blocks) unless the architecture's own width rule (hidden_size a multiple of the
     head count) makes the common multiple so coarse that the kept width would move by more
-    than 32 from the requested sparsity (SmolLM2's 9 heads: multiples of 288).
+    than 32 from the requested sparsity (SmolLM2's 9 heads: multiples of 288). A method that
+    also cuts MLP channels (`widths`, diet-width) always gets 32: its channels align freely,
+    and its grid keeps only hidden widths that are multiples of lcm(32, heads).
     """
+    if widths:
+        return GGUF_ALIGN, None
     import math
 
     from .adapters import adapter_for_type
@@ -477,7 +481,7 @@ def add_export(sub):
 
 
 def prepare_gguf(model, output, gguf, gguf_type: str, sparsity: float, align: int | None,
-                 overwrite: bool) -> tuple[Path, int, str | None]:
+                 overwrite: bool, widths: bool = False) -> tuple[Path, int, str | None]:
     """For ``prune --gguf``: check the GGUF request before any work; pick --align when not given.
 
     Returns (GGUF path, align, a note to print or None).
@@ -507,7 +511,7 @@ def prepare_gguf(model, output, gguf, gguf_type: str, sparsity: float, align: in
         config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
         raise DietpruneError(f"cannot read the config of '{model}': {str(exc).splitlines()[0]}") from exc
-    align, note = gguf_align(config, sparsity)
+    align, note = gguf_align(config, sparsity, widths)
     return path, align, note
 
 

@@ -594,7 +594,7 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
 
     bar = tqdm(total=cfg.steps * tokens_per_step, initial=step * tokens_per_step, unit="tok", unit_scale=True,
                desc=f"heal ({cfg.mode})", dynamic_ncols=True, leave=False, mininterval=1.0,
-               disable=not progress or os.environ.get("DIETPRUNE_PROGRESS", "1") == "0" or not distributed.is_main())
+               **({} if progress and distributed.is_main() else {"disable": True}))  # else tqdm's TQDM_DISABLE
     t0 = time.perf_counter()
     stopped = None
     net.eval()  # no dropout; the same forward as the teacher's

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .errors import DietpruneError
-from .merge import keep_count, merge
+from .merge import keep_count, merge_k
 from .registry import METHODS, MethodContext, PruneConfig, Selection, register  # noqa: F401 (re-exported)
 
 
@@ -33,13 +33,39 @@ def width_align(model, config: PruneConfig) -> int:
 
 
 def target_width(model, config: PruneConfig) -> int:
-    return keep_count(model.config.hidden_size, config.sparsity, width_align(model, config))
+    """The kept hidden width: the multiple of `width_align` whose cut removes the parameter fraction
+    nearest `config.sparsity` (or `keep_count` of `config.hidden_sparsity`, the hidden fraction)."""
+    align = width_align(model, config)
+    if getattr(config, "hidden_sparsity", None) is not None:
+        return keep_count(model.config.hidden_size, config.hidden_sparsity, align)
+    return width_for_params(model, config.sparsity, align)
+
+
+def width_for_params(model, sparsity: float, align: int = 1) -> int:
+    """The multiple of `align` (at least `align`, at most the hidden size) whose hidden-only cut removes
+    the parameter fraction nearest `sparsity`; ties keep the wider. Counts shapes, cuts nothing (works
+    on a meta skeleton)."""
+    from .adapters import adapter_for
+    from .width import Shape, count_params, full_shape
+
+    adapter = adapter_for(model)
+    full = full_shape(model, adapter)
+    total = count_params(model, adapter, full)
+
+    def removed(k: int) -> float:
+        return 1.0 - count_params(model, adapter, Shape(k, full.groups, full.per_group, full.channels)) / total
+
+    d = full.hidden
+    p0 = total * (1.0 - removed(0))  # parameters are linear in the width: p0 + k * (total - p0) / d
+    k_real = ((1.0 - sparsity) * total - p0) * d / (total - p0)
+    near = {max(align, min(d // align * align, int(math.floor(k_real / align) + j) * align)) for j in (0, 1)}
+    return min(sorted(near, reverse=True), key=lambda k: abs(removed(k) - sparsity))
 
 
 def _merged(model, ctx: MethodContext, config: PruneConfig, how: str) -> Selection:
     profile = ctx.profile
     scores = profile.score_matrix()
-    result = merge(scores, config.sparsity, how, width_align(model, config))
+    result = merge_k(scores, target_width(model, config), how)
     tensors = {"votes": result.votes.to(torch.int32), "task_masks": result.task_masks.to(torch.uint8),
                "scores": scores.float()}
     return Selection(result.kept, tensors, {"merge": how, "task_order": list(profile.tasks)})

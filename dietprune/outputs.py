@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DietpruneError
@@ -133,6 +134,35 @@ def publish_mode(path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+@contextmanager
+def atomic_file(path, what: str = "output"):
+    """Yield a temporary path beside `path` for a writer; when the block ends it replaces `path`.
+
+    The temporary name is unique (mkstemp), so it never meets a user's ``PATH.tmp`` or another
+    writer's file; on an error, Ctrl-C or SIGTERM (dietprune.signals) it is removed, and `path` is
+    either the old file or the complete new one. The file gets the usual mode (`publish_mode`).
+    """
+    import tempfile
+
+    path = Path(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DietpruneError(f"cannot write {what} to {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DietpruneError(f"cannot write {what} to {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def is_scores_file(path: Path) -> bool:

@@ -85,26 +85,30 @@ def profile(model, tasks, samples: int = 100, seed: int = 0, tap: str | None = N
     folder = _streaming_folder(model, low_memory, device_map)
     if folder is not None and cfg.widths:
         raise DietpruneError("width statistics (--widths) need the model in memory (not yet with --low-memory)")
-    if folder is not None:
+    lm, net, source = _open(model, tokenizer, folder, device, device_map, private=False)
+    prof = run_profile(net, tokenizer or lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
+                       examples=examples, source=source, offload=offload,
+                       fingerprint=source.fingerprint(net) if source.streamed else None)
+    if output is not None and distributed.is_main():
+        prof.save(output)
+    distributed.barrier()
+    return prof
+
+
+def _open(model, tokenizer, folder, device, device_map, private: bool):
+    """(LoadedModel, the network to work on, its engine.WeightSource): a skeleton streamed from
+    `folder`, or the model in memory on `device`; with `private`, a model passed in is copied first."""
+    if folder is not None:  # a skeleton whose blocks the engine reads from the shards one at a time
         from .streaming import open_streamed
 
         lm, source = open_streamed(folder, str(model), device or "cpu")
-        prof = run_profile(lm.model, tokenizer or lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
-                           examples=examples, source=source, fingerprint=source.fingerprint(lm.model),
-                           offload=offload)
-    else:
-        if isinstance(model, (str, os.PathLike)):
-            model = load(str(model), device=device, device_map=device_map)
-        lm = _as_loaded(model, tokenizer)
-        prof = run_profile(lm.model, lm.tokenizer, tasks, cfg, data_dir=data_dir, model_spec=lm.spec,
-                           examples=examples, offload=offload)
-    if output is not None and distributed.is_main():
-        prof.save(output)
-        from .outputs import publish_mode
-
-        publish_mode(output)
-    distributed.barrier()
-    return prof
+        return lm, lm.model, source
+    owned = isinstance(model, (str, os.PathLike))  # loaded here: ours to cut; anything else is copied
+    lm = load(str(model), device=device, device_map=device_map) if owned else _as_loaded(model, tokenizer)
+    net = copy.deepcopy(lm.model) if private and not owned else lm.model
+    if private and device is not None and device_map is None:
+        net.to(device)
+    return lm, net, RESIDENT
 
 
 def _streaming_folder(model, low_memory: bool | None, device_map: str | None) -> str | None:
@@ -284,27 +288,13 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
 
     t0 = time.perf_counter()
     folder = _streaming_folder(model, low_memory, device_map)
-    source = RESIDENT
-    if folder is not None:  # a skeleton whose blocks the engine reads from the shards one at a time
-        from .streaming import open_streamed
-
-        if use_refit and dtype not in (None, "float32"):
-            raise DietpruneError("--repair refit with --low-memory re-fits the float32 shards it writes: "
-                                 "save as float32 (no --dtype), or prune in memory")
-        if method.widths:
-            raise DietpruneError(f"--method {config.method} needs the model in memory (not yet with --low-memory)")
-        lm, source = open_streamed(folder, str(model), device or "cpu")
-        net = lm.model
-        fingerprint = source.fingerprint(net)
-    else:
-        owned = isinstance(model, (str, os.PathLike))  # loaded here: ours to cut; anything else is copied
-        if owned and device_map is not None:
-            model = load(str(model), device_map=device_map)
-        lm = _as_loaded(model, tokenizer)
-        net = lm.model if owned else copy.deepcopy(lm.model)
-        if device is not None and device_map is None:
-            net.to(device)
-        fingerprint = model_fingerprint(net)
+    if folder is not None and use_refit and dtype not in (None, "float32"):
+        raise DietpruneError("--repair refit with --low-memory re-fits the float32 shards it writes: "
+                             "save as float32 (no --dtype), or prune in memory")
+    if folder is not None and method.widths:
+        raise DietpruneError(f"--method {config.method} needs the model in memory (not yet with --low-memory)")
+    lm, net, source = _open(model, tokenizer, folder, device, device_map, private=True)
+    fingerprint = source.fingerprint(net) if source.streamed else model_fingerprint(net)
     adapter = adapter_for(net)
     timings["load"] = time.perf_counter() - t0
     d = net.config.hidden_size
@@ -343,7 +333,7 @@ def prune(model, tasks=None, sparsity: float = 0.2, output=None, *, config: Prun
         if use_rms:
             repair_info["rms_factors"] = plan.rms_factors()
         if not source.streamed:
-            repair_info.update(_cut_resident(net, lm.tokenizer, plan, config, examples, use_refit))
+            repair_info.update(cut_resident(net, lm.tokenizer, plan, config, examples, use_refit))
         elif use_refit:  # the dense targets, streamed now; the re-fit runs on the shards once they are written
             from .refit import capture_norm_outputs, fit_batch
 
@@ -417,7 +407,7 @@ def _select(method_fn, net, config: PruneConfig, ctx: MethodContext, source):
     return selection
 
 
-def _cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, use_refit: bool) -> dict:
+def cut_resident(net, tokenizer, plan: CutPlan, config: PruneConfig, examples, use_refit: bool) -> dict:
     """Repair and cut a resident model in place (then the re-fit, when asked); returns repair records."""
     info = {}
     if use_refit:

@@ -23,15 +23,15 @@ from typing import Callable
 from .errors import DietpruneError
 from .tasks import DIET_TASKS, task_tuple
 
-CONFIG_VERSION = "1"
+CONFIG_VERSION = "2"  # 2: `sparsity` is the parameter fraction for every method (1: hidden dims for hidden methods)
 TAPS = ("residual", "norm-out", "write")
 DEFAULT_TAP = "norm-out"
 MERGES = ("vote", "mean", "rank")
 REPAIRS = ("none", "rms", "ls", "rms+ls", "rms+ls+energy", "refit", "rms+refit", "rms+ls+refit")
 
 
-def _opt(default, help: str, choices=None, cli: bool = True):
-    meta = {"help": help, "cli": cli}
+def _opt(default, help: str, choices=None, cli: bool = True, kind=None):
+    meta = {"help": help, "cli": cli, **({"type": kind} if kind else {})}
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, dict):
@@ -39,13 +39,13 @@ def _opt(default, help: str, choices=None, cli: bool = True):
     return field(default=default, metadata=meta)
 
 
-def check_sparsity(sparsity: float) -> None:
+def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
     import numbers
 
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise DietpruneError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise DietpruneError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     if not (0.0 <= float(sparsity) < 1.0) or sparsity != sparsity:
-        raise DietpruneError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise DietpruneError(f"{name} must be in [0, 1), got {sparsity}")
 
 
 @dataclass
@@ -53,8 +53,8 @@ class PruneConfig:
     """Options every structured method shares. Build one with `method_config`."""
 
     method: str = _opt("diet", "structured method (see `dietprune ls`)", cli=False)
-    sparsity: float = _opt(0.2, "fraction removed, in [0, 1): hidden dimensions for hidden-dimension methods, "
-                                "parameters for head / channel / layer methods", cli=False)
+    sparsity: float = _opt(0.2, "fraction of the parameters removed, in [0, 1), for every method (a hidden-dimension "
+                                "method keeps the width whose cut is nearest)", cli=False)
     tasks: tuple[str, ...] = _opt(DIET_TASKS, "calibration tasks", cli=False)
     samples: int = _opt(100, "calibration samples per task", cli=False)
     seed: int = _opt(0, "seed of the calibration sample", cli=False)
@@ -99,6 +99,11 @@ class PruneConfig:
     def from_dict(cls, data: dict) -> "PruneConfig":
         """The method's config from a saved dict (unknown keys are ignored with a warning)."""
         target = spec(data.get("method", "diet")).config if cls is PruneConfig else cls
+        data = dict(data)
+        if data.get("version", "1") == "1" and issubclass(target, HiddenConfig) \
+                and not spec(data.get("method", "diet")).widths and "sparsity" in data:
+            data["hidden_sparsity"] = data["sparsity"]  # version 1 meant hidden dimensions here
+        data["version"] = CONFIG_VERSION
         known = {f.name for f in fields(target)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -113,7 +118,10 @@ class HiddenConfig(PruneConfig):
     """Hidden-dimension methods: the kept width and the repairs of the shared cut."""
 
     tap: str = _opt(DEFAULT_TAP, "where activations are read (see docs/method.md)", TAPS, cli=False)
-    align: int = _opt(1, "keep a multiple of this many dimensions (e.g. 8, 64)")
+    align: int = _opt(1, "keep a multiple of this many dimensions (e.g. 8, 64; diet-width: MLP channels too)")
+    hidden_sparsity: float | None = _opt(None, "fraction of hidden dimensions removed, instead of --sparsity's "
+                                               "parameter fraction (what --sparsity meant for these methods "
+                                               "before config version 2)", kind=float)
     repair: str = _opt("rms+ls", "training-free repair after the cut (default: see docs/method.md)", REPAIRS)
     ridge: float = _opt(1e-2, "ridge of the least-squares repair (ls)")
     refit_ridge: float = _opt(1e-3, "ridge of the sequential re-fit (refit), towards the weights it starts from")
@@ -125,6 +133,12 @@ class HiddenConfig(PruneConfig):
 
         super().__post_init__()
         self.align = v.integer("align", self.align, 1)
+        if self.hidden_sparsity is not None:
+            if spec(self.method).widths:
+                raise DietpruneError(f"--hidden-sparsity does not apply to {self.method}, which splits a parameter "
+                                     "budget (--sparsity) between several widths")
+            self.hidden_sparsity = v.real("hidden_sparsity", self.hidden_sparsity)
+            check_sparsity(self.hidden_sparsity, "hidden_sparsity")
         self.ridge = v.ridge("ridge", self.ridge)
         self.refit_ridge = v.ridge("refit_ridge", self.refit_ridge)
         self.fit_samples = v.integer("fit_samples", self.fit_samples, 1)
@@ -252,5 +266,5 @@ def cli_options() -> list[tuple[str, type, object, dict]]:
         for f in fields(s.config):
             if f.metadata.get("cli") and f.name not in seen:
                 default = f.default if f.default is not MISSING else None
-                seen[f.name] = (f.name, type(default), default, dict(f.metadata))
+                seen[f.name] = (f.name, f.metadata.get("type", type(default)), default, dict(f.metadata))
     return list(seen.values())

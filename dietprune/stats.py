@@ -174,16 +174,10 @@ class Profile:
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise DietpruneError(f"cannot write scores: folder {path.parent} does not exist")
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        from .outputs import atomic_file
+
+        with atomic_file(path, "scores") as tmp:  # a unique temp name; nothing left on an error or interrupt
             save_file(tensors, str(tmp), metadata=header)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise DietpruneError(f"cannot write scores to {path}: {exc.strerror}") from exc
-        except BaseException:  # Ctrl-C, SIGTERM: no partial file left
-            tmp.unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -155,12 +155,6 @@ def skeleton(folder: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def load_tokenizer(folder):
-    from .models import load_tokenizer as load_checked
-
-    return load_checked(folder)
-
-
 def check_complete(model: nn.Module, ckpt: Checkpoint) -> None:
     """The checkpoint holds exactly the skeleton's tensors (the in-memory loader's strict check)."""
     import re
@@ -260,7 +254,7 @@ class StreamedWeights(WeightSource):
 
 def open_streamed(folder, spec: str | None = None, device="cpu"):
     """(LoadedModel holding the skeleton, its StreamedWeights) of a safetensors folder."""
-    from .models import LoadedModel
+    from .models import LoadedModel, load_tokenizer
 
     ckpt = Checkpoint(folder)
     model = skeleton(folder)
@@ -278,44 +272,38 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 class ShardWriter:
     """Safetensors shards written tensor by tensor from a plan of (name, shape, dtype).
 
-    The header of each shard is known from the plan, so every tensor goes to disk as soon as it
-    is computed; memory holds one tensor at a time whatever the shard size.
+    huggingface_hub plans the shards (``split_torch_state_dict_into_shards`` on meta tensors:
+    names, sizes, file names, one ``model.safetensors`` when everything fits). Each shard's
+    header is then known, so every tensor goes to disk as soon as it is computed; memory holds
+    one tensor at a time whatever the shard size.
     """
 
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int):
+        from huggingface_hub import split_torch_state_dict_into_shards
+
         self.folder = folder
-        groups, size = [[]], 0
-        for name, shape, dtype in plan:
-            nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
-            if groups[-1] and size + nbytes > max_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, shape, dtype, nbytes))
-            size += nbytes
-        n = len(groups)
-        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.expected = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
+        split = split_torch_state_dict_into_shards(
+            {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in self.expected.items()},
+            max_shard_size=max_bytes)
+        self.sharded, self.files = split.is_sharded, list(split.filename_to_tensors)
         self.where: dict[str, tuple[int, int]] = {}  # name -> (shard, byte offset in that file)
-        self.expected: dict[str, tuple] = {}
-        self.total = 0
-        self.fds = []
-        for shard, group in enumerate(groups):
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name, shape, dtype, nbytes in group:
+        self.total, self.fds = 0, []
+        for shard, names in enumerate(split.filename_to_tensors.values()):
+            header, offset, starts = {"__metadata__": {"format": "pt"}}, 0, {}
+            for name in names:
+                shape, dtype = self.expected[name]
+                nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
                 header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
                                 "data_offsets": [offset, offset + nbytes]}
-                self.expected[name] = (tuple(shape), dtype)
-                offset += nbytes
+                starts[name], offset = offset, offset + nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             fd = os.open(folder / self.files[shard], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.write(fd, len(raw).to_bytes(8, "little") + raw)
             os.ftruncate(fd, 8 + len(raw) + offset)
             self.fds.append(fd)
-            base = 8 + len(raw)
-            running = 0
-            for name, _, _, nbytes in group:
-                self.where[name] = (shard, base + running)
-                running += nbytes
+            self.where.update({name: (shard, 8 + len(raw) + start) for name, start in starts.items()})
             self.total += offset
 
     def write(self, name: str, t: torch.Tensor, first_row: int = 0) -> None:
@@ -337,9 +325,10 @@ class ShardWriter:
             os.fsync(fd)
             os.close(fd)
         self.fds = []
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {name: self.files[s] for name, (s, _) in self.where.items()}}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if self.sharded:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {name: self.files[s] for name, (s, _) in self.where.items()}}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
 def _out_dtype(t_dtype: torch.dtype, dtype: str | None) -> torch.dtype:

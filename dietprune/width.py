@@ -93,13 +93,17 @@ def hidden_width(d: int, fraction: float, heads: int, align: int) -> int:
 
 
 def solve_channels(model: nn.Module, adapter: ModelAdapter, hidden: int, groups: int, per_group: int,
-                   target: float) -> Shape:
-    """The MLP channel count whose parameter count is nearest `target` (clamped to [1, I])."""
+                   target: float, align: int = 1) -> Shape:
+    """The MLP channel count whose parameter count is nearest `target` (clamped to [1, I]), a
+    multiple of `align` unless that would remove every channel or exceed I (then I itself)."""
     full = full_shape(model, adapter)
     p0 = count_params(model, adapter, Shape(hidden, groups, per_group, 0))
     slope = count_params(model, adapter, Shape(hidden, groups, per_group, 1)) - p0
-    c = int(round((target - p0) / slope)) if slope > 0 else full.channels
-    return Shape(hidden, groups, per_group, max(1, min(full.channels, c)))
+    c = (target - p0) / slope if slope > 0 else full.channels
+    if align > 1:
+        c = int(round(c / align)) * align
+        c = full.channels if c >= full.channels else max(align, c)
+    return Shape(hidden, groups, per_group, max(1, min(full.channels, int(round(c)))))
 
 
 def candidate_shapes(model: nn.Module, adapter: ModelAdapter, sparsity: float, align: int = 1,
@@ -118,7 +122,7 @@ def candidate_shapes(model: nn.Module, adapter: ModelAdapter, sparsity: float, a
     for frac in fractions:
         for g, m in head_options(model, adapter):
             k = hidden_width(d, frac, g * m, align)
-            shape = solve_channels(model, adapter, k, g, m, target)
+            shape = solve_channels(model, adapter, k, g, m, target, align)
             achieved = 1.0 - count_params(model, adapter, shape) / total
             if abs(achieved - sparsity) <= tolerance and shape not in out:
                 out.append(shape)

@@ -229,3 +229,149 @@ def test_register_adds_a_plugin_method(data_dir):
         assert res.model.config.hidden_size == 32 and res.kept.tolist() == list(range(32))
     finally:
         METHODS.pop("first-half")
+
+
+# ---- one unit for `sparsity`: the fraction of parameters removed, for every structured method ----
+def _hidden_cut_params(model, k):
+    """Parameters after actually cutting a copy to its first k hidden dimensions (independent of the counting)."""
+    import copy
+
+    from dietprune.adapters import param_count
+    from dietprune.surgery import prune_hidden_
+
+    net = copy.deepcopy(model)
+    prune_hidden_(net, torch.arange(k), adapter_for(net))
+    return param_count(net)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_hidden_methods_take_sparsity_as_the_parameter_fraction(arch):
+    """random / magnitude keep the width whose cut removes the parameter fraction nearest `sparsity`;
+    at 3.2% the hidden-dimension rounding (keep_count) kept all 64 dimensions, removing nothing."""
+    from dietprune.adapters import param_count
+    from dietprune.merge import keep_count
+    from dietprune.pipeline import prune
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    total = param_count(model)
+    reachable = {k: 1 - _hidden_cut_params(model, k) / total for k in range(4, 65, 4)}  # 4 heads: multiples of 4
+    for s in (0.032, 0.3044, 0.5):
+        best = min(abs(r - s) for r in reachable.values())
+        for method in ("random", "magnitude"):
+            res = prune(model, tokenizer=tok, sparsity=s, method=method, repair="none")
+            assert abs(res.summary["param_reduction"] - s) <= best + 1e-12, (method, s)
+    assert keep_count(64, 0.032, 4) == 64  # what the hidden-dimension unit would have kept
+    res = prune(model, tokenizer=tok, sparsity=0.032, method="random", repair="none")
+    assert res.summary["hidden_size_after"] == 60 and res.config.version == "2"
+
+
+def test_hidden_sparsity_keeps_the_hidden_dimension_unit(tmp_path, capsys):
+    from dietprune.cli import main
+    from dietprune.merge import keep_count
+    from dietprune.pipeline import prune
+    from dietprune.registry import PruneConfig, method_config
+    from tiny import save_tiny
+
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    for hs in (0.032, 0.3044):
+        res = prune(model, tokenizer=tok, method="magnitude", hidden_sparsity=hs, repair="none")
+        assert res.summary["hidden_size_after"] == keep_count(64, hs, 4)
+        assert res.config.hidden_sparsity == hs
+    with pytest.raises(DietpruneError, match="does not apply to diet-width"):
+        method_config("diet-width", hidden_sparsity=0.2)
+    with pytest.raises(DietpruneError, match="hidden_sparsity must be in"):
+        method_config("diet", hidden_sparsity=1.5)
+    with pytest.raises(DietpruneError, match="has no option hidden_sparsity"):
+        method_config("wanda-sp", hidden_sparsity=0.2)
+    # a config saved before version 2 meant hidden dimensions: it reads back as --hidden-sparsity
+    old = {**method_config("diet", sparsity=0.3).to_dict(), "version": "1"}
+    old.pop("hidden_sparsity")
+    back = PruneConfig.from_dict(old)
+    assert back.hidden_sparsity == 0.3 and back.version == "2"
+    width_v1 = {**method_config("shortgpt", sparsity=0.3).to_dict(), "version": "1"}
+    assert PruneConfig.from_dict(width_v1).sparsity == 0.3  # parameters already
+    folder = save_tiny(tmp_path / "m", "qwen2")
+    out = tmp_path / "o"
+    assert main(["prune", str(folder), "--method", "random", "--repair", "none", "--sparsity", "0.2",
+                 "--hidden-sparsity", "0.2", "--output", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err and not out.exists()
+    assert main(["prune", str(folder), "--method", "random", "--repair", "none", "--hidden-sparsity", "0.032",
+                 "--output", str(out)]) == 0
+    import json
+
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+
+
+# ---- files are written through a unique temporary name (outputs.atomic_file) ----
+def test_scores_and_results_never_touch_a_users_tmp_file(tmp_path, monkeypatch):
+    """`PATH.tmp` beside the target is a user's file: saving neither overwrites nor deletes it, and an
+    interrupt mid-write leaves no temporary file and the old target intact."""
+    import safetensors.torch
+
+    from dietprune.evaluate.results import save_results
+    from dietprune.stats import Profile, TaskStats
+
+    prof = Profile({"boolq": TaskStats(torch.rand(3, 8, dtype=torch.float64), 17, 4)}, {"tap": "norm-out"})
+    for path, write in ((tmp_path / "s.safetensors", prof.save), (tmp_path / "r.json",
+                                                                   lambda p: save_results({"a": 1}, p))):
+        mine = path.with_name(path.name + ".tmp")
+        mine.write_text("mine")
+        write(path)
+        assert mine.read_text() == "mine" and path.is_file()
+        assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+    before = (tmp_path / "s.safetensors").read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prof.save(tmp_path / "s.safetensors")
+    assert (tmp_path / "s.safetensors").read_bytes() == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r.json", "r.json.tmp", "s.safetensors",
+                                                          "s.safetensors.tmp"]
+
+
+@pytest.mark.parametrize("env, disabled", [({}, False), ({"TQDM_DISABLE": "1"}, True),
+                                           ({"DIETPRUNE_PROGRESS": "0"}, True)])
+def test_progress_follows_tqdms_own_switch(env, disabled):
+    """dietprune's bars obey TQDM_DISABLE (tqdm's switch); DIETPRUNE_PROGRESS=0 sets it, so the
+    bars of the hub (a tqdm subclass) go quiet too."""
+    import json
+    import os
+
+    code = ("import json, dietprune; from dietprune.progress import progress; "
+            "from huggingface_hub.utils import tqdm as hub_tqdm; "
+            "print(json.dumps([progress(range(2)).disable, hub_tqdm(range(2)).disable]))")
+    base = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "DIETPRUNE_PROGRESS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [disabled, disabled]
+
+
+def test_shard_writer_plans_with_huggingface_hub(tmp_path):
+    """One file when everything fits (model.safetensors, no index, as save_pretrained writes);
+    hub-named shards and an index otherwise; the tensors read back exactly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dietprune.streaming import ShardWriter
+
+    tensors = {f"w{i}": torch.randn(8, 16) for i in range(4)}
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    for folder, max_bytes in ((tmp_path / "one", 10**6), (tmp_path / "many", 1200)):
+        folder.mkdir()
+        writer = ShardWriter(folder, plan, max_bytes)
+        for n, t in tensors.items():
+            writer.write(n, t)
+        writer.close()
+        files = sorted(f.name for f in folder.iterdir())
+        back = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+        assert sorted(back) == sorted(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)
+        if max_bytes > 1200:
+            assert files == ["model.safetensors"]
+        else:
+            assert "model.safetensors.index.json" in files and "model-00001-of-00002.safetensors" in files
+            assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) == 4

@@ -254,6 +254,8 @@ def test_gguf_align_choice():
     smol = SimpleNamespace(model_type="llama", hidden_size=576, num_attention_heads=9)
     align, note = gguf_align(smol, 0.2)
     assert align == 1 and "288" in note  # 32 and 9 heads: only 288 or 576 would be possible
+    # diet-width cuts MLP channels, which align freely; its grid keeps hidden at multiples of 288
+    assert gguf_align(smol, 0.2, widths=True) == (32, None)
 
 
 def test_prune_gguf_in_one_go(tmp_path, capsys):

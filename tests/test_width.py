@@ -103,6 +103,23 @@ def test_candidate_shapes_meet_the_target_within_one_percent(sparsity):
         assert len(shapes) > 1 and len({s.heads for s in shapes}) > 1  # a real grid
 
 
+def test_align_applies_to_mlp_channels_too():
+    """--align (which `prune --gguf` sets to 32 for q8_0 blocks) holds for the MLP channels of every
+    candidate as well as for the hidden width, and the parameter target still holds."""
+    model = wide_model("llama")
+    adapter = adapter_for(model)
+    total = param_count(model)
+    full = W.full_shape(model, adapter)
+    shapes = W.candidate_shapes(model, adapter, 0.2, align=8)
+    assert shapes
+    for s in shapes:
+        assert s.channels % 8 == 0 or s.channels == full.channels
+        assert s.hidden % 8 == 0 and s.hidden % s.heads == 0
+        assert abs(1 - W.count_params(model, adapter, s) / total - 0.2) <= W.TOLERANCE
+    assert any(s.channels != W.solve_channels(model, adapter, s.hidden, s.groups, s.per_group,
+                                              0.8 * total).channels for s in shapes)  # alignment moved some
+
+
 # ---- surgery and repair -------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHS)

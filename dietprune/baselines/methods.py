@@ -26,8 +26,8 @@ import torch
 
 from ..adapters import adapter_for, get_module, param_count
 from ..engine import RESIDENT
-from ..merge import merge, order_by
-from ..methods import width_align
+from ..merge import merge_k, order_by
+from ..methods import target_width
 from ..registry import MethodContext, PruneConfig, Selection
 from ..repair import parse_repair
 from . import scores as S
@@ -66,7 +66,7 @@ def agnostic(model, config: PruneConfig, ctx: MethodContext) -> Selection:
     prof = profile(model, ctx.tokenizer, [GENERAL_TEXT], pcfg, data_dir=ctx.data_dir, source=source,
                    fingerprint=source.fingerprint(model) if source.streamed else None)
     scores = prof.score_matrix()
-    result = merge(scores, config.sparsity, config.merge, width_align(model, config))
+    result = merge_k(scores, target_width(model, config), config.merge)
     tensors = {"votes": result.votes.to(torch.int32), "scores": scores.float()}
     info = {"merge": config.merge, "calibration": GENERAL_TEXT, "profile": prof.meta}
     return Selection(result.kept, tensors, info, repair_profile=prof)

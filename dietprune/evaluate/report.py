@@ -20,7 +20,6 @@ import base64
 import html
 import io
 import json
-import os
 import shlex
 import time
 from pathlib import Path
@@ -404,13 +403,10 @@ def write_report(paths: list, output, **kwargs) -> Path:
     if any(Path(p).expanduser().resolve() == out.resolve() for p in paths):
         raise DietpruneError(f"the report {out} would overwrite one of its inputs")
     page = build_report(paths, **kwargs)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    from ..outputs import atomic_file
+
+    with atomic_file(out, "the report") as tmp:
         tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DietpruneError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out
 
 

@@ -27,16 +27,10 @@ def save_results(results: dict, path: str | os.PathLike) -> Path:
     out = Path(path).expanduser()
     if not out.parent.is_dir():
         raise DietpruneError(f"cannot write results: folder {out.parent} does not exist")
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    from ..outputs import atomic_file
+
+    with atomic_file(out, "results") as tmp:
         tmp.write_text(json.dumps(_clean(results), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DietpruneError(f"cannot write results to {out}: {exc.strerror}") from exc
-    except BaseException:  # Ctrl-C, SIGTERM: no partial file left
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
