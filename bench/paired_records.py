@@ -72,10 +72,12 @@ def main(argv=None) -> int:
             new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles)
             old_scores = {t: v["score"] for t, v in old["tasks"].items()}
             new_scores = {t: v["score"] for t, v in new["tasks"].items()}
-            if old.get("config") != new.get("config"):  # package defaults moved since the cell ran
+            # compared as JSON (the rerun's config holds tuples where the cached one, read back, has lists)
+            new_config = sb.json.loads(sb.json.dumps(new.get("config")))
+            if old.get("config") != new_config:  # package defaults moved since the cell ran
                 print(f"{key}: the rerun's prune config differs from the cached cell's "
-                      f"({old.get('config')} vs {new.get('config')})", flush=True)
-            if old_scores == new_scores and old.get("config") == new.get("config"):
+                      f"({old.get('config')} vs {new_config})", flush=True)
+            if old_scores == new_scores and old.get("config") == new_config:
                 cell = dict(old, records=new["records"],
                             records_check={"status": "reproduced", "rerun": new["finished"]})
             else:
