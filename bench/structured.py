@@ -883,7 +883,10 @@ def build_state(cfg: dict, cells_dir: Path, settings: dict) -> dict:
 
 
 def finish(state: dict, out: Path, doc: Path, make_plots: bool = True) -> None:
-    write_json_atomic(out, state)
+    # the per-example records stay in the cell files (about 70 KB a cell): the summary JSON says which have them
+    slim = {k: ({x: v for x, v in c.items() if x != "records"} | {"has_records": True} if c.get("records") else c)
+            for k, c in state["cells"].items()}
+    write_json_atomic(out, dict(state, cells=slim))
     if make_plots:
         try:
             plots(state)
