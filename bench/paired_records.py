@@ -9,8 +9,9 @@ Cells written before the study stored records hold aggregates only. For each sel
 config, shared task profile, evaluation settings) and compares the rerun's per-task scores with the
 cached ones:
 
-- all equal: the records are added to the cached cell (nothing else changes), ``records_check``
-  says "reproduced";
+- all equal, and the same kept dimensions: the records are added to the cached cell (nothing else
+  changes), ``records_check`` says "reproduced" (with ``config_diff`` where the prune config the
+  package records now differs from the cached one, e.g. an option the method never read);
 - any differs: the cell is replaced by the rerun (its numbers are the ones its records give) and
   ``records_check`` keeps the cached scores it replaced, so a change is visible, not silent.
 
@@ -72,15 +73,24 @@ def main(argv=None) -> int:
             new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles)
             old_scores = {t: v["score"] for t, v in old["tasks"].items()}
             new_scores = {t: v["score"] for t, v in new["tasks"].items()}
-            if old.get("config") != new.get("config"):  # package defaults moved since the cell ran
-                print(f"{key}: the rerun's prune config differs from the cached cell's "
-                      f"({old.get('config')} vs {new.get('config')})", flush=True)
-            if old_scores == new_scores and old.get("config") == new.get("config"):
+            # compared as JSON (the rerun's config holds tuples where the cached one, read back, has lists)
+            new_config = sb.json.loads(sb.json.dumps(new.get("config")))
+            old_config = old.get("config") or {}
+            config_diff = {k: [old_config.get(k), (new_config or {}).get(k)]
+                           for k in sorted(set(old_config) | set(new_config or {}))
+                           if old_config.get(k) != (new_config or {}).get(k)}
+            if config_diff:  # package defaults (or what a config records) moved since the cell ran
+                print(f"{key}: the rerun's prune config differs from the cached cell's: {config_diff}", flush=True)
+            # the same scores from the same mask: the records belong to the cached numbers, whatever the config
+            # now records (e.g. a typed config no longer lists an option the method never read)
+            if old_scores == new_scores and old.get("kept") == new.get("kept"):
                 cell = dict(old, records=new["records"],
-                            records_check={"status": "reproduced", "rerun": new["finished"]})
+                            records_check={"status": "reproduced", "rerun": new["finished"],
+                                           **({"config_diff": config_diff} if config_diff else {})})
             else:
                 cell = dict(new, records_check={"status": "replaced", "cached_scores": old_scores,
-                                                "cached_avg": old["avg"], "cached_finished": old.get("finished")})
+                                                "cached_avg": old["avg"], "cached_finished": old.get("finished"),
+                                                "same_mask": old.get("kept") == new.get("kept")})
             sb.write_json_atomic(path, cell)
             diff = {t: round(100 * (new_scores[t] - old_scores[t]), 2) for t in old_scores
                     if new_scores.get(t) != old_scores[t]}

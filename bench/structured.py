@@ -542,9 +542,9 @@ def paired_section(cells: dict, model: str, sp: float, methods, tasks) -> list[s
     lacking = [lab for lab in ["dense"] + list(methods)
                if (c := cells.get(cell_key(model, lab, 0.0 if lab == "dense" else sp, 0))) and not c.get("records")]
     if not vs_dense and not vs_diet:
-        L += ["Not available: " + ("the cells hold aggregate scores only (no per-example records); "
-                                   "`python bench/paired_records.py` reruns them with records."
-                                   if lacking else "no cells yet."), ""]
+        L += ["Not available: " + ("no per-example records in the cells of " + ", ".join(lacking)
+                                   + " (aggregate scores only); `python bench/paired_records.py` reruns them "
+                                   "with records." if lacking else "no cells yet."), ""]
         return L
     L.append("| method | Δ avg vs dense ± SE [95% CI] | McNemar p | agree | Δ gold ll | skill ret. [95% CI] "
              "| Δ avg vs diet ± SE [95% CI] | McNemar p |")
@@ -883,7 +883,10 @@ def build_state(cfg: dict, cells_dir: Path, settings: dict) -> dict:
 
 
 def finish(state: dict, out: Path, doc: Path, make_plots: bool = True) -> None:
-    write_json_atomic(out, state)
+    # the per-example records stay in the cell files (about 70 KB a cell): the summary JSON says which have them
+    slim = {k: ({x: v for x, v in c.items() if x != "records"} | {"has_records": True} if c.get("records") else c)
+            for k, c in state["cells"].items()}
+    write_json_atomic(out, dict(state, cells=slim))
     if make_plots:
         try:
             plots(state)

@@ -163,3 +163,24 @@ def test_compare_cli_paired_table_and_json(tmp_path):
     text = format_paired(res)
     assert "need per-example records" in text and "stores them by default" in text
     assert res["comparisons"][0]["skill"]["average"] == pytest.approx((0.575 - 0.5) / (0.7 - 0.5))
+
+
+def test_study_cells_pair_and_are_labelled(tmp_path):
+    """bench/structured.py cells (compact records, no meta) are results files: paired and named by their key."""
+    def cell(label, sp, correct):
+        gold = [i % 2 for i in range(len(correct))]
+        pred = [g if c else 1 - g for g, c in zip(gold, correct)]
+        p = tmp_path / f"{label}.json"
+        p.write_text(json.dumps({
+            "model": "m", "label": label, "sparsity": sp, "seed": 0, "variant": "",
+            "settings": {"tasks": "boolq", "limit": len(gold)},
+            "tasks": {"boolq": {"acc": sum(correct) / len(correct), "n": len(gold), "metric": "acc", "score": 0}},
+            "records": {"boolq": {"gold": gold, "pred": pred, "gold_loglik": [-1.0] * len(gold),
+                                  "n_choices": [2] * len(gold)}}}))
+        return p
+    res = build_paired([cell("dense", 0.0, [1] * 8 + [0] * 2), cell("diet", 0.2, [1] * 5 + [0] * 5)])
+    assert res["reference"] == "m dense seed 0"
+    c = res["comparisons"][0]
+    assert c["label"] == "m diet 20% seed 0"
+    assert c["paired"]["tasks"]["boolq"]["diff"] == pytest.approx(-0.3)
+    assert c["paired"]["tasks"]["boolq"]["mcnemar"]["b"] == 3

@@ -262,3 +262,9 @@ def test_render_paired_and_skill_columns(sb, tmp_path):
     paired = next(line for line in doc.splitlines() if line.startswith("| random | -30.0 ±"))
     assert "| -20.0 ±" in paired  # random vs diet
     assert "No per-example records (aggregates only" in doc and "magnitude" in doc
+    # the summary JSON leaves the records in the cell files and says which cells have them
+    sb.finish(sb.build_state(cfg, cdir, cfg["settings"]), tmp_path / "s.json", tmp_path / "s.md", make_plots=False)
+    cells = sb.json.loads((tmp_path / "s.json").read_text())["cells"]
+    assert cells[sb.cell_key(m, "diet", 0.2, 0)]["has_records"] and "records" not in cells[sb.cell_key(m, "diet", 0.2, 0)]
+    assert "has_records" not in cells[sb.cell_key(m, "magnitude", 0.2, 0)]
+    assert "| random | -30.0 ±" in (tmp_path / "s.md").read_text()  # the doc still has the paired rows

@@ -12,6 +12,10 @@ PPL_KEY = "word_perplexity"
 
 
 def _label(path, data: dict) -> str:
+    if {"model", "label", "sparsity", "seed", "settings"} <= set(data):  # a bench/structured.py cell
+        sp = data["sparsity"]
+        return " ".join([str(data["model"]), str(data["label"])] + ([f"{100 * sp:g}%"] if sp else [])
+                        + [f"seed {data['seed']}"] + ([str(data["variant"])] if data.get("variant") else []))
     model = str(data.get("meta", {}).get("model") or "")
     stem = Path(path).stem
     return stem if not model or Path(model).name in stem else f"{stem} ({Path(model).name})"

@@ -162,6 +162,7 @@ def votes_figure(votes, kept, n_tasks: int) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.bar(range(n_tasks + 1), kept_c, label="kept")
     ax.bar(range(n_tasks + 1), cut_c, bottom=kept_c, label="removed")
+    ax.set_ylim(0, 1.08 * max(1, max(a + b for a, b in zip(kept_c, cut_c))))  # stacked bars: no autoscale margin
     ax.set_xticks(range(n_tasks + 1))
     ax.set_xlabel(f"votes (tasks whose own top-k holds the dimension, of {n_tasks})")
     ax.set_ylabel("hidden dimensions")
@@ -357,6 +358,11 @@ def accuracy_section(paths: list[Path], metric: str, n_boot: int, seed: int) -> 
             commands.append(" ".join(shlex.quote(w) for w in ["dietprune", "eval", str(m["model"]), "--tasks", tasks]
                                      + (["--limit", str(m["limit"])] if m.get("limit") else [])
                                      + ["--output", str(p)]) + "   # rebuilt from the file's meta")
+        elif isinstance(d.get("settings"), dict) and "label" in d:  # a bench/structured.py cell
+            st = d["settings"]
+            commands.append(f"python bench/structured.py  # cell {d.get('model')}|{d['label']}|{d.get('sparsity')}|"
+                            f"seed {d.get('seed')}: tasks {st.get('tasks')}, limit {st.get('limit')}, "
+                            f"samples {st.get('samples')}, ppl tokens {st.get('ppl_tokens')} ({p})")
     return out, commands
 
 
