@@ -265,6 +265,7 @@ def heal_to(key: str, cfg: dict, data_dir, lm, folder: Path, minutes: float) -> 
         info["tokens_per_second_chain"] = round(s["tokens_trained"] / max(s["seconds_train_total"], 1e-9), 1)
         meta = json.loads((folder / "dietprune.json").read_text())
         out = healed_folder(k)
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(res.model, res.tokenizer, out, meta, {}, overwrite=True)
         write_json_atomic(out / "heal_info.json", info)
         print(f"  healed {k}: {s['tokens_trained']:,} tokens, {s['seconds_train_total']:.0f}s in all, "
