@@ -580,7 +580,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     for key in plan(cfg, cells):  # unhealed cuts the structured study evaluated: reused, not recomputed
         model, method, sp, mode, tokens = key.split("|")
-        if key not in cells and method != "dense" and int(tokens) == 0:
+        if key not in cells and method != "dense" and int(tokens) == 0 and structured_cell(
+                model, method, float(sp), settings) is not None:
             got = run_unit(key, cfg, settings, args.data_dir, {}, 0.0)
             if got is not None:
                 got["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
