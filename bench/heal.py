@@ -520,7 +520,7 @@ def finish(cfg, cells, out: Path, doc: Path, plot_path: Path, notes) -> None:
     todo = [k for k in plan(cfg, cells) if k not in cells]
     mode = best_mode(cells, cfg["models"][0], cfg["methods"][0], cfg["sparsity"], cfg["modes"], cfg["mode_budget"])
     choice = None
-    if mode:
+    if mode and len([m for m in cfg["modes"] if m in COMPARED]) > 1:
         first = (cfg["models"][0], cfg["methods"][0], cfg["sparsity"])
         ppls = ", ".join(f"{m} {cells[cell_key(*first, m, cfg['mode_budget'])]['ppl']:.1f}" for m in cfg["modes"]
                          if cell_key(*first, m, cfg["mode_budget"]) in cells)
@@ -555,6 +555,7 @@ def main(argv=None) -> int:
                     help="torch threads (default 1: on the shared, overloaded 2-core box a second thread mostly waits)")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (kept in the JSON)")
+    ap.add_argument("--replace-notes", action="store_true", help="drop the notes kept in the JSON (use with --note)")
     args = ap.parse_args(argv)
     cfg = dict(DEFAULTS, models=args.models.split(","), methods=args.methods.split(","), limit=args.limit,
                budgets=[int(b) for b in args.budgets.split(",")], modes=args.modes.split(","),
@@ -567,7 +568,7 @@ def main(argv=None) -> int:
     if not args.render_only and cmd.strip() not in commands:
         commands.append(cmd.strip())
     cfg["commands"] = commands
-    notes = list(dict.fromkeys(prev.get("notes", []) + args.note))
+    notes = list(dict.fromkeys(([] if args.replace_notes else prev.get("notes", [])) + args.note))
     settings = settings_of(cfg)
     cells_dir = ROOT / cfg["cells_dir"]
     cells = load_cells(cells_dir, settings)
