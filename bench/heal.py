@@ -380,6 +380,8 @@ def derive(cells: dict) -> list[dict]:
             continue
         tasks = "hits" in c
         d, se = paired(c, dense) if tasks else (None, None)
+        cut = cells.get(cell_key(c["model"], c["method"], c["sparsity"], "none", 0))
+        d0, se0 = paired(c, cut) if tasks and c["tokens"] and cut and "hits" in cut else (None, None)
         h = c.get("heal") or {}
         rows.append({"model": c["model"], "method": c["method"], "mode": c["mode"], "tokens": c["tokens"],
                      "avg": c.get("avg"), "limit": c["settings"]["limit"],
@@ -388,6 +390,7 @@ def derive(cells: dict) -> list[dict]:
                      "ppl": c["ppl"], "ppl_ratio": c["ppl"] / dense["ppl"],
                      "train_s": h.get("seconds_train_total", 0.0), "tok_s": h.get("tokens_per_second_chain"),
                      "param_reduction": c.get("param_reduction", 0.0),
+                     "diff_unhealed": d0, "diff_unhealed_se": se0,
                      "tasks": {t: c["tasks"][t]["score"] for t in DIET_TASKS} if tasks else None})
     order = {"dense": 0}
     rows.sort(key=lambda r: (r["model"], order.get(r["method"], 1), r["method"], r["tokens"], r["mode"]))
@@ -422,20 +425,22 @@ def render(state: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         L += [f"## {model}", "",
               "| method | mode | tokens | rows/task | avg % | dense avg % (same rows) | skill retained "
-              "| Δ avg vs dense (pts, ± SE) | ppl | ppl / dense | train time | tok/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Δ avg vs dense (pts, ± SE) | Δ avg vs unhealed (pts, ± SE) | ppl | ppl / dense | train time | tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["model"] == model):
             dense = r["method"] == "dense"
             mode = r["mode"] if r["tokens"] else "-"
             train = _mins(r["train_s"]) if r["tokens"] else "-"
             if r["avg"] is None:
-                L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | - (perplexity only) | - | - | - | - "
+                L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | - (perplexity only) | - | - | - | - | - "
                          f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
                 continue
             skill = "100%" if dense else f"{100 * r['skill']:.0f}%"
             diff = "-" if dense else f"{100 * r['diff']:+.1f} ± {100 * r['diff_se']:.1f}"
+            d0 = "-" if r.get("diff_unhealed") is None else \
+                f"{100 * r['diff_unhealed']:+.1f} ± {100 * r['diff_unhealed_se']:.1f}"
             L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | {r['limit']} | {100 * r['avg']:.1f} "
-                     f"| {100 * r['dense_avg_same']:.1f} | {skill} | {diff} "
+                     f"| {100 * r['dense_avg_same']:.1f} | {skill} | {diff} | {d0} "
                      f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
         L += ["", "Per task (headline metric, %):", "",
               "| method | mode | tokens | " + " | ".join(DIET_TASKS) + " |",
