@@ -1,6 +1,6 @@
 """Healing study: how much of what the cut lost does distillation from the dense model win back?
 
-    DIETPRUNE_DATA_DIR=../shared/benchdata python bench/heal.py            # one unit of work, then exit
+    DIETPRUNE_DATA_DIR=../shared/benchdata python bench/heal.py            # one turn of work, then exit
     python bench/heal.py --render-only                                    # JSON, docs/heal.md, plot
 
 A cell is (model, method, sparsity, mode, tokens): the model is pruned once with
@@ -12,11 +12,13 @@ reads the whole test split, which contains the calibration quarter, so it is not
 
 Budgets of one (model, method, mode) are one run: the learning rate is constant after warmup
 and the data order does not depend on the budget, so the 100k cell continues the 30k cell's
-saved state and equals a straight 100k run. Each invocation does at most one unit of work
-(one cell, or ``--minutes`` of healing of a long cell, whose state is saved and resumed by the
-next invocation), so the study can run under a shared lock in short turns:
+saved state and equals a straight 100k run; the healed model of every budget reached on the way
+is saved (outside the repository) and evaluated in its own unit. The largest budget is planned
+first. Each invocation works for at most ``--minutes`` (a heal that runs out saves its state and
+the next invocation resumes it; an evaluation starts only with ``--eval-minutes`` left), so the
+study runs in short turns under the shared CPU slots:
 
-    while true; do flock /tmp/dietprune-heavy.lock python bench/heal.py; [ $? -eq 10 ] || break; sleep 30; done
+    while true; do /work/wt/bin/heavy python bench/heal.py; [ $? -eq 10 ] || break; sleep 30; done
 
 Exit 10: work remains; 0: the plan is done. Per-example hits are kept in every cell, so each
 healed cell's 7-task average comes with its paired difference to dense on the same examples.
@@ -42,10 +44,10 @@ from dietprune.tasks import DIET_TASKS  # noqa: E402
 
 SCHEMA = "dietprune-heal-study/1"
 CHANCE = {"boolq": 0.5, "rte": 0.5, "winogrande": 0.5}  # 0.25 for the others
-DEFAULTS = dict(models="smollm2-135m", methods="diet", sparsity=0.2, budgets="0,10000,30000,100000,300000",
-                mode_budget=10000, modes="full,lora,norms", limit=50, dense_limit=200, ppl_tokens=16384,
+DEFAULTS = dict(models="smollm2-135m", methods="diet-width,diet", sparsity=0.2, budgets="0,30000,100000",
+                mode_budget=10000, modes="full", limit=200, dense_limit=200, ppl_tokens=16384,
                 seq_len=256,
-                batch_size=4, minutes=12.0, bf16=True, cells_dir="bench/results/heal/cells",
+                batch_size=4, minutes=24.0, eval_minutes=16.0, bf16=True, cells_dir="bench/results/heal/cells",
                 out="bench/results/heal.json", doc="docs/heal.md", plot="bench/results/heal/heal.png")
 CACHE = Path(os.environ.get("DIETPRUNE_HEAL_CACHE", Path.home() / ".cache" / "dietprune" / "heal-bench"))
 MORE_TODO = 10
@@ -70,11 +72,17 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+EVAL_KEYS = ("tasks", "ppl_tokens")  # what an unhealed cell's reuse depends on
+
+
 def load_cells(cells_dir: Path, settings: dict) -> dict:
+    """Cached cells whose settings match (unhealed cells: the evaluation settings only)."""
     cells = {}
     for f in sorted(cells_dir.glob("*.json")) if cells_dir.is_dir() else []:
         c = json.loads(f.read_text())
-        if {k: v for k, v in c.get("settings", {}).items() if k != "limit"} == settings:
+        got = {k: v for k, v in c.get("settings", {}).items() if k != "limit"}
+        want = settings if c.get("tokens") else {k: settings[k] for k in EVAL_KEYS}
+        if (got if c.get("tokens") else {k: got.get(k) for k in EVAL_KEYS}) == want:
             cells[c["key"]] = c
     return cells
 
@@ -92,7 +100,9 @@ COMPARED = ("full", "lora")  # the mode of the longer budgets is picked between 
 
 
 def best_mode(cells: dict, model, method, sp, modes, budget) -> str | None:
-    modes = [m for m in modes if m in COMPARED]
+    modes = [m for m in modes if m in COMPARED] or list(modes)
+    if len(modes) == 1:
+        return modes[0]
     got = [cells.get(cell_key(model, method, sp, m, budget)) for m in modes]
     if any(c is None for c in got):
         return None
@@ -100,30 +110,31 @@ def best_mode(cells: dict, model, method, sp, modes, budget) -> str | None:
 
 
 def plan(cfg: dict, cells: dict) -> list[str]:
-    """Every cell of the study in priority order (finished ones included)."""
+    """Every cell of the study in priority order (finished ones included).
+
+    Per model: dense, the unhealed cut of every method, then (with several modes) the mode
+    comparison at ``mode_budget`` on the first method, then the healed cells from the largest
+    budget down, method by method within a budget (the largest budget answers the study's
+    question; the smaller ones are checkpoints on the way to it, saved while healing)."""
     keys = []
     sp = cfg["sparsity"]
     for model in cfg["models"]:
         keys.append(cell_key(model, "dense", 0.0, "none", 0))
-        for i, method in enumerate(cfg["methods"]):
-            keys.append(cell_key(model, method, sp, "none", 0))
-            first = i == 0 and model == cfg["models"][0]
-            if first:
-                keys += [cell_key(model, method, sp, m, cfg["mode_budget"]) for m in cfg["modes"] if m in COMPARED]
-            mode = best_mode(cells, cfg["models"][0], cfg["methods"][0], sp, cfg["modes"], cfg["mode_budget"])
-            if mode is None:
-                continue
-            chain = [cell_key(model, method, sp, mode, b) for b in cfg["budgets"] if b]
-            keys += chain[:2]  # the next budget of the chosen mode, then the remaining modes, then longer budgets
-            if first:
-                keys += [cell_key(model, method, sp, m, cfg["mode_budget"]) for m in cfg["modes"]]
-            keys += chain[2:]
-    seen, out = set(), []
-    for k in keys:
-        if k not in seen:
-            seen.add(k)
-            out.append(k)
-    return out
+        unhealed = [cell_key(model, method, sp, "none", 0) for method in cfg["methods"]]
+        keys += [k for k in unhealed if k in cells]  # imported from the structured study (main does it first)
+        several = len([m for m in cfg["modes"] if m in COMPARED]) > 1
+        if several and model == cfg["models"][0]:
+            keys += [cell_key(model, cfg["methods"][0], sp, m, cfg["mode_budget"]) for m in cfg["modes"]
+                     if m in COMPARED]
+        mode = best_mode(cells, cfg["models"][0], cfg["methods"][0], sp, cfg["modes"], cfg["mode_budget"])
+        if mode is None:
+            continue
+        for b in sorted((b for b in cfg["budgets"] if b), reverse=True):
+            keys += [cell_key(model, method, sp, mode, b) for method in cfg["methods"]]
+        if several and model == cfg["models"][0]:
+            keys += [cell_key(model, cfg["methods"][0], sp, m, cfg["mode_budget"]) for m in cfg["modes"]]
+        keys += unhealed  # the ones the structured study has no per-example records of: evaluated last
+    return list(dict.fromkeys(keys))
 
 
 # ---- one cell --------------------------------------------------------------------------------------
@@ -139,6 +150,14 @@ def pruned_checkpoint(lm, model, method, sp, data_dir) -> Path:
         prune(lm, tasks=",".join(DIET_TASKS), sparsity=sp, method=method, seed=0, samples=100, data_dir=data_dir,
               output=folder)
         print(f"  pruned {model} {method} {sp:.0%} in {time.perf_counter() - t0:.0f}s -> {folder}", flush=True)
+        from dietprune.models import load
+
+        import torch
+
+        with torch.no_grad():  # checks the prune against the structured study's cell of the same recipe
+            ppl = eval_ppl(load(str(folder)).model, lm.tokenizer, data_dir, DEFAULTS["ppl_tokens"])
+        write_json_atomic(folder / "bench_ppl.json", {"ppl_eval": ppl})
+        print(f"  its wikitext2/eval.jsonl perplexity: {ppl:.2f}", flush=True)
     return folder
 
 
@@ -175,48 +194,133 @@ def evaluate_cell(model, tokenizer, settings, data_dir, limit: int) -> dict:
             "ppl": float(ppl), "seconds_eval": round(t1 - t0, 1), "seconds_ppl": round(t2 - t1, 1)}
 
 
-def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dict | None:
-    """Compute the cell `key`, or heal it for ``--minutes`` and return None (resumed next time)."""
+STRUCTURED_CELLS = ROOT / "bench" / "results" / "structured" / "cells"
+
+
+def structured_cell(model, method, sp, settings) -> dict | None:
+    """The unhealed cell from the structured study, when it holds per-example records and the held-out
+    perplexity at the same settings (the same prune recipe, evaluation rows and perplexity text)."""
+    from dietprune.evaluate.paired import columns
+
+    f = STRUCTURED_CELLS / f"{model}__{method}__{sp:.2f}__0__default.json"
+    if not f.is_file():
+        return None
+    c = json.loads(f.read_text())
+    st = c.get("settings", {})
+    if (not c.get("records") or c.get("ppl_eval") is None or st.get("tasks") != settings["tasks"]
+            or st.get("ppl_tokens") != settings["ppl_tokens"] or st.get("samples") != 100):
+        return None
+    tasks, hits = {}, {}
+    for t in DIET_TASKS:
+        m = c["tasks"][t]
+        tasks[t] = {"metric": m["metric"], "score": m["score"], "stderr": m.get("score_stderr"), "n": m["n"]}
+        hits[t] = [int(x) for x in columns(c["records"][t], m["metric"])["correct"]]
+    return {"tasks": tasks, "hits": hits, "avg": c["avg"], "ppl": c["ppl_eval"], "limit": st["limit"],
+            "seconds_eval": c["seconds"]["eval"], "seconds_ppl": c["seconds"]["ppl_eval"],
+            "param_reduction": c["summary"]["param_reduction"], "prune_config": c["config"],
+            "source": str(f.relative_to(ROOT))}
+
+
+def chain_name(model, method, sp, mode) -> str:
+    return f"{model}__{method}__{sp:.2f}__{mode}"
+
+
+def healed_folder(key: str) -> Path:
+    return CACHE / "healed" / key.replace("|", "__")
+
+
+def heal_to(key: str, cfg: dict, data_dir, lm, folder: Path, minutes: float) -> bool:
+    """Heal the chain of `key` towards its budget, saving a checkpoint at every budget reached on the way.
+
+    Returns True when the checkpoint of `key` exists (its budget is reached), False when the minutes ran out
+    (the state is saved; the next turn resumes it)."""
     from dietprune.heal import heal
+    from dietprune.pipeline import save_checkpoint
+
+    model, method, sp, mode, tokens = key.split("|")
+    sp, tokens = float(sp), int(tokens)
+    state = CACHE / "state" / chain_name(model, method, sp, mode)
+    t_end = time.perf_counter() + 60 * minutes
+    for b in sorted(x for x in cfg["budgets"] if 0 < x <= tokens):
+        k = cell_key(model, method, sp, mode, b)
+        if (healed_folder(k) / "heal_info.json").is_file():
+            continue
+        left = (t_end - time.perf_counter()) / 60
+        if left < 0.5:
+            return False
+        res = heal(str(folder), lm, tasks=DIET_TASKS, general=("wikitext2",), tokens=b, mode=mode,
+                   seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], seed=0, data_dir=data_dir,
+                   state_dir=state, resume=True, keep_state=True, minutes=left,
+                   checkpoint_every=25, bf16=cfg["bf16"], progress=False)
+        s = res.summary
+        if s["stopped"] != "done":
+            print(f"  healed {chain_name(model, method, sp, mode)} to {s['tokens_trained']:,} of {b:,} tokens "
+                  f"({s['tokens_per_second']} tok/s this call); state saved, resumes next turn", flush=True)
+            return False
+        info = {k2: s[k2] for k2 in ("tokens_trained", "steps", "seconds_train_total", "tokens_per_second",
+                                     "loss_first", "loss_last")}
+        info["config"] = res.config.recipe()
+        info["loss_curve"] = [(h["tokens"], h["loss"]) for h in res.history[:: max(1, len(res.history) // 40)]]
+        # tokens/s over the whole chain (several turns and budgets): tokens over summed training seconds
+        info["tokens_per_second_chain"] = round(s["tokens_trained"] / max(s["seconds_train_total"], 1e-9), 1)
+        meta = json.loads((folder / "dietprune.json").read_text())
+        out = healed_folder(k)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(res.model, res.tokenizer, out, meta, {}, overwrite=True)
+        write_json_atomic(out / "heal_info.json", info)
+        print(f"  healed {k}: {s['tokens_trained']:,} tokens, {s['seconds_train_total']:.0f}s in all, "
+              f"{info['tokens_per_second_chain']} tok/s, loss {s['loss_first']} -> {s['loss_last']}", flush=True)
+        del res
+        gc.collect()
+    return True
+
+
+def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict, minutes_left: float) -> dict | None:
+    """Compute the cell `key`; or heal towards it for at most `minutes_left` and return None (resumed next time).
+
+    An evaluation is only started with at least ``eval_minutes`` left in the turn."""
     from dietprune.models import load
 
     model, method, sp, mode, tokens = key.split("|")
     sp, tokens = float(sp), int(tokens)
-    if model not in models:
-        models[model] = load(model)
-    lm = models[model]
     limit = cfg["dense_limit"] if method == "dense" else cfg["limit"]
     # the other modes at the comparison budget: perplexity only (the tasks cost as much CPU as the healing)
     ppl_only = tokens == cfg["mode_budget"] and mode != "full"
     cell = {"key": key, "model": model, "method": method, "sparsity": sp, "mode": mode, "tokens": tokens,
             "settings": dict(settings, limit=limit)}
+    if method != "dense" and tokens == 0:
+        got = structured_cell(model, method, sp, settings)
+        if got is not None and got["limit"] == limit:
+            cell.update({k: v for k, v in got.items() if k != "limit"})
+            cell["params"] = None
+            cell["heal"] = None
+            print(f"  from {got['source']} (the structured study's cell, same recipe and rows)", flush=True)
+            return cell
+    if model not in models:
+        models[model] = load(model)
+    lm = models[model]
     if method == "dense":
+        if minutes_left < cfg["eval_minutes"]:
+            return None
         cell.update(evaluate_cell(lm.model, lm.tokenizer, settings, data_dir, limit))
         cell["params"] = sum(p.numel() for p in lm.model.parameters())
         return cell
     folder = pruned_checkpoint(lm, model, method, sp, data_dir)
     heal_info = None
     if tokens == 0:
-        student = load(str(folder))
-        net, tok = student.model, student.tokenizer
+        src = folder
     else:
-        state = CACHE / "state" / f"{model}__{method}__{sp:.2f}__{mode}"
-        res = heal(str(folder), lm, tasks=DIET_TASKS, general=("wikitext2",), tokens=tokens, mode=mode,
-                   seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], seed=0, data_dir=data_dir,
-                   state_dir=state, resume=True, keep_state=True, minutes=cfg["minutes"],
-                   checkpoint_every=25, bf16=cfg["bf16"])
-        if res.summary["stopped"] != "done":
-            print(f"  healed to {res.summary['tokens_trained']:,} of {tokens:,} tokens "
-                  f"({res.summary['tokens_per_second']} tok/s); state saved, resumes next turn", flush=True)
+        t0 = time.perf_counter()
+        if not heal_to(key, cfg, data_dir, lm, folder, minutes_left):
             return None
-        net, tok = res.model, res.tokenizer
-        heal_info = {k: res.summary[k] for k in ("tokens_trained", "steps", "seconds_train_total",
-                                                  "tokens_per_second", "loss_first", "loss_last")}
-        heal_info["config"] = res.config.recipe()
-        heal_info["loss_curve"] = [(h["tokens"], h["loss"]) for h in res.history[:: max(1, len(res.history) // 40)]]
-        # tokens/s over the whole chain (several turns and budgets): tokens over summed training seconds
-        heal_info["tokens_per_second_chain"] = round(res.summary["tokens_trained"]
-                                                     / max(res.summary["seconds_train_total"], 1e-9), 1)
+        minutes_left -= (time.perf_counter() - t0) / 60
+        src = healed_folder(key)
+        heal_info = json.loads((src / "heal_info.json").read_text())
+    if minutes_left < (1 if ppl_only else cfg["eval_minutes"]):
+        print(f"  {key}: {minutes_left:.0f} min left in this turn, evaluation next turn", flush=True)
+        return None
+    student = load(str(src))
+    net, tok = student.model, student.tokenizer
     if ppl_only:
         t1 = time.perf_counter()
         import torch
@@ -232,7 +336,7 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict) -> dic
     meta = json.loads((folder / "dietprune.json").read_text())
     cell["param_reduction"] = meta["summary"]["param_reduction"]
     cell["prune_config"] = meta["config"]
-    del net
+    del net, student
     gc.collect()
     return cell
 
@@ -276,6 +380,8 @@ def derive(cells: dict) -> list[dict]:
             continue
         tasks = "hits" in c
         d, se = paired(c, dense) if tasks else (None, None)
+        cut = cells.get(cell_key(c["model"], c["method"], c["sparsity"], "none", 0))
+        d0, se0 = paired(c, cut) if tasks and c["tokens"] and cut and "hits" in cut else (None, None)
         h = c.get("heal") or {}
         rows.append({"model": c["model"], "method": c["method"], "mode": c["mode"], "tokens": c["tokens"],
                      "avg": c.get("avg"), "limit": c["settings"]["limit"],
@@ -284,6 +390,7 @@ def derive(cells: dict) -> list[dict]:
                      "ppl": c["ppl"], "ppl_ratio": c["ppl"] / dense["ppl"],
                      "train_s": h.get("seconds_train_total", 0.0), "tok_s": h.get("tokens_per_second_chain"),
                      "param_reduction": c.get("param_reduction", 0.0),
+                     "diff_unhealed": d0, "diff_unhealed_se": se0,
                      "tasks": {t: c["tasks"][t]["score"] for t in DIET_TASKS} if tasks else None})
     order = {"dense": 0}
     rows.sort(key=lambda r: (r["model"], order.get(r["method"], 1), r["method"], r["tokens"], r["mode"]))
@@ -295,17 +402,19 @@ def render(state: dict) -> str:
     L = ["# Healing: distillation from the dense model", "",
          "Generated by `bench/heal.py` from `bench/results/heal.json`; do not edit by hand.", "",
          "- Student: the model pruned by `dietprune prune` with the structured study's default recipe "
-         f"({', '.join(cfg['methods'])}; {cfg['sparsity']:.0%} hidden-dimension sparsity, 100 calibration samples "
-         "per task, seed 0, default repair).",
+         f"({', '.join(cfg['methods'])}; sparsity {cfg['sparsity']:.2f}: `diet` cuts that share of the hidden "
+         "dimension, `diet-width` that share of the parameters split by task votes over MLP channels, heads and "
+         "the hidden dimension; 100 calibration samples per task, seed 0, default repair).",
          "- Healing: `dietprune.heal`, KL divergence from the dense model's next-token distribution on every "
          f"token (T = 1), sequences of {cfg['seq_len']} tokens, {cfg['batch_size']} per step, AdamW, constant "
          "learning rate after 5 warmup steps (default per mode: full 1e-4, LoRA rank 16 1e-3, norms 1e-2), "
          "bfloat16 autocast of the decoder bodies (heads and KL in float32; ~1.6x faster here); text = the seven "
          "tasks' calibration rows (query + gold answer) and WikiText-2's calibration rows, packed in a seeded "
          "order. The budgets of one mode are one run (each budget continues the previous one's state).",
-         f"- Evaluation: the seven tasks' first {cfg['limit']} eval rows each ({cfg['dense_limit']}, the study's "
-         "limit, for dense; a smaller limit for the other cells because evaluation competes with healing for the "
-         "shared CPU), headline metric (acc_norm where defined, else acc); skill retained = (avg - chance) / "
+         f"- Evaluation: the seven tasks' first {cfg['limit']} eval rows each ({cfg['dense_limit']} for dense; "
+         "rte has 177), headline metric (acc_norm where defined, else acc). Unhealed cuts whose structured-study "
+         "cell (`bench/results/structured/cells/`, same prune recipe, rows and perplexity text) holds per-example "
+         "records are taken from it instead of being re-evaluated. Skill retained = (avg - chance) / "
          "(dense avg - chance) with dense's average on the same examples, "
          "chance 50% for boolq, rte, winogrande and 25% for the others. Paired difference: the 7-task average "
          "minus dense's on the same examples, ± its standard error.",
@@ -316,20 +425,22 @@ def render(state: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         L += [f"## {model}", "",
               "| method | mode | tokens | rows/task | avg % | dense avg % (same rows) | skill retained "
-              "| Δ avg vs dense (pts, ± SE) | ppl | ppl / dense | train time | tok/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Δ avg vs dense (pts, ± SE) | Δ avg vs unhealed (pts, ± SE) | ppl | ppl / dense | train time | tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["model"] == model):
             dense = r["method"] == "dense"
             mode = r["mode"] if r["tokens"] else "-"
             train = _mins(r["train_s"]) if r["tokens"] else "-"
             if r["avg"] is None:
-                L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | - (perplexity only) | - | - | - | - "
+                L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | - (perplexity only) | - | - | - | - | - "
                          f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
                 continue
             skill = "100%" if dense else f"{100 * r['skill']:.0f}%"
             diff = "-" if dense else f"{100 * r['diff']:+.1f} ± {100 * r['diff_se']:.1f}"
+            d0 = "-" if r.get("diff_unhealed") is None else \
+                f"{100 * r['diff_unhealed']:+.1f} ± {100 * r['diff_unhealed_se']:.1f}"
             L.append(f"| {r['method']} | {mode} | {r['tokens']:,} | {r['limit']} | {100 * r['avg']:.1f} "
-                     f"| {100 * r['dense_avg_same']:.1f} | {skill} | {diff} "
+                     f"| {100 * r['dense_avg_same']:.1f} | {skill} | {diff} | {d0} "
                      f"| {r['ppl']:.1f} | {r['ppl_ratio']:.2f}x | {train} | {r['tok_s'] or '-'} |")
         L += ["", "Per task (headline metric, %):", "",
               "| method | mode | tokens | " + " | ".join(DIET_TASKS) + " |",
@@ -414,7 +525,7 @@ def finish(cfg, cells, out: Path, doc: Path, plot_path: Path, notes) -> None:
     todo = [k for k in plan(cfg, cells) if k not in cells]
     mode = best_mode(cells, cfg["models"][0], cfg["methods"][0], cfg["sparsity"], cfg["modes"], cfg["mode_budget"])
     choice = None
-    if mode:
+    if mode and len([m for m in cfg["modes"] if m in COMPARED]) > 1:
         first = (cfg["models"][0], cfg["methods"][0], cfg["sparsity"])
         ppls = ", ".join(f"{m} {cells[cell_key(*first, m, cfg['mode_budget'])]['ppl']:.1f}" for m in cfg["modes"]
                          if cell_key(*first, m, cfg["mode_budget"]) in cells)
@@ -437,19 +548,23 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=DEFAULTS["models"])
     ap.add_argument("--methods", default=DEFAULTS["methods"])
     ap.add_argument("--budgets", default=DEFAULTS["budgets"])
-    ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"], help="healing minutes per invocation")
+    ap.add_argument("--modes", default=DEFAULTS["modes"],
+                    help="training modes (several: full and LoRA are compared at --mode-budget first)")
+    ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"],
+                    help="minutes of work per invocation (healing and evaluation; a heal stops and saves its state)")
+    ap.add_argument("--eval-minutes", type=float, default=DEFAULTS["eval_minutes"],
+                    help="start an evaluation only with this many minutes left in the invocation")
     ap.add_argument("--limit", type=int, default=DEFAULTS["limit"])
     ap.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on the shared, overloaded 2-core box a second thread mostly waits)")
-    ap.add_argument("--turn-start-minutes", type=float, default=6.0,
-                    help="start another unit in the same turn only if the turn is younger than this")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (kept in the JSON)")
+    ap.add_argument("--replace-notes", action="store_true", help="drop the notes kept in the JSON (use with --note)")
     args = ap.parse_args(argv)
     cfg = dict(DEFAULTS, models=args.models.split(","), methods=args.methods.split(","), limit=args.limit,
-               budgets=[int(b) for b in args.budgets.split(",")], modes=DEFAULTS["modes"].split(","),
-               minutes=args.minutes)
+               budgets=[int(b) for b in args.budgets.split(",")], modes=args.modes.split(","),
+               minutes=args.minutes, eval_minutes=args.eval_minutes)
     out, doc, plot_path = ROOT / cfg["out"], ROOT / cfg["doc"], ROOT / cfg["plot"]
     prev = json.loads(out.read_text()) if out.is_file() else {}
     cmd = "DIETPRUNE_DATA_DIR=../shared/benchdata python bench/heal.py " + " ".join(
@@ -458,7 +573,7 @@ def main(argv=None) -> int:
     if not args.render_only and cmd.strip() not in commands:
         commands.append(cmd.strip())
     cfg["commands"] = commands
-    notes = list(dict.fromkeys(prev.get("notes", []) + args.note))
+    notes = list(dict.fromkeys(([] if args.replace_notes else prev.get("notes", [])) + args.note))
     settings = settings_of(cfg)
     cells_dir = ROOT / cfg["cells_dir"]
     cells = load_cells(cells_dir, settings)
@@ -469,6 +584,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    for key in plan(cfg, cells):  # unhealed cuts the structured study evaluated: reused, not recomputed
+        model, method, sp, mode, tokens = key.split("|")
+        if key not in cells and method != "dense" and int(tokens) == 0 and structured_cell(
+                model, method, float(sp), settings) is not None:
+            got = run_unit(key, cfg, settings, args.data_dir, {}, 0.0)
+            if got is not None:
+                got["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                write_json_atomic(cell_file(cells_dir, key), got)
+                cells[key] = got
     todo = [k for k in plan(cfg, cells) if k not in cells]
     if not todo:
         finish(cfg, cells, out, doc, plot_path, notes)
@@ -479,7 +603,8 @@ def main(argv=None) -> int:
         key = todo[0]
         print(f"[{len(cells)} done, {len(todo)} to do] {key}", flush=True)
         t0 = time.perf_counter()
-        cell = run_unit(key, cfg, settings, args.data_dir, models)
+        left = args.minutes - (t0 - t_turn) / 60
+        cell = run_unit(key, cfg, settings, args.data_dir, models, left)
         if cell is not None:
             cell["seconds_unit"] = round(time.perf_counter() - t0, 1)
             cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -489,8 +614,7 @@ def main(argv=None) -> int:
             print(f"  {avg}ppl {cell['ppl']:.1f}  ({cell['seconds_eval']:.0f}s eval)", flush=True)
         finish(cfg, cells, out, doc, plot_path, notes)
         todo = [k for k in plan(cfg, cells) if k not in cells]
-        # another unit in this turn only when the turn is still short (the lock is shared)
-        if cell is None or time.perf_counter() - t_turn > 60 * args.turn_start_minutes:
+        if cell is None:  # the turn's minutes are spent (a heal saved its state, or no time for an evaluation)
             break
     return MORE_TODO if todo else 0
 

@@ -76,7 +76,7 @@ class HealConfig:
     minutes: float | None = None  # wall-clock budget of this call
     checkpoint_every: int = 100  # steps between saved states (0: only at the end / on Ctrl-C)
     chunk_elements: int = 1 << 22  # logits per head chunk (4M floats = 16 MiB)
-    bf16: bool | None = None  # bfloat16 autocast of the decoder bodies (heads and KL stay float32); None: on GPU
+    bf16: bool | None = None  # bfloat16 autocast of the decoder bodies and head matmuls (softmax/KL float32); None: GPU
 
     def __post_init__(self):
         self.tasks, self.general, self.files = tuple(self.tasks), tuple(self.general), tuple(self.files)
@@ -149,29 +149,36 @@ def _head_parts(model):
     return decoder_parts(model)
 
 
-def _logits(head, hidden, cap, temperature):
-    z = head(hidden).float()
+def _logits(head, hidden, cap, temperature, amp: bool = False):
+    if amp:  # the head's matmul in bfloat16 (float32 accumulation); softmax and KL stay float32
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+            z = head(hidden)
+        z = z.float()
+    else:
+        z = head(hidden).float()
     if cap:
         z = torch.tanh(z / cap) * cap
     return z / temperature if temperature != 1.0 else z
 
 
 def chunked_kl(student_hidden, teacher_hidden, student_head, teacher_head, cap_s=None, cap_t=None,
-               temperature: float = 1.0, chunk_rows: int = 1024, scale: float | None = None) -> tuple[float, int]:
+               temperature: float = 1.0, chunk_rows: int = 1024, scale: float | None = None,
+               amp: bool = False) -> tuple[float, int]:
     """Sum over rows of KL(p_teacher || p_student) from final hidden states ([N, d_s], [N, d_t]).
 
     With ``scale`` (a float), the gradient of ``scale * sum`` is accumulated into
     ``student_hidden.grad`` (it must be a leaf that requires grad) and into the student head's
-    parameters, one chunk of rows at a time. Returns (sum of KL, rows).
+    parameters, one chunk of rows at a time. ``amp``: the heads' matmuls under bfloat16 autocast.
+    Returns (sum of KL, rows).
     """
     total = 0.0
     n = student_hidden.shape[0]
     for start in range(0, n, chunk_rows):
         hs = student_hidden[start:start + chunk_rows]
         with torch.no_grad():
-            lt = _logits(teacher_head, teacher_hidden[start:start + chunk_rows], cap_t, temperature).log_softmax(-1)
+            lt = _logits(teacher_head, teacher_hidden[start:start + chunk_rows], cap_t, temperature, amp).log_softmax(-1)
         with torch.enable_grad() if scale is not None else torch.no_grad():
-            zs = _logits(student_head, hs, cap_s, temperature)
+            zs = _logits(student_head, hs, cap_s, temperature, amp)
         with torch.no_grad():
             ls = zs.detach().log_softmax(-1)
             pt = lt.exp()
@@ -547,8 +554,9 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
     peft_model = _setup_trainable(net, cfg)
     params = [p for p in net.parameters() if p.requires_grad]
     names = [n for n, p in net.named_parameters() if p.requires_grad]
+    # the fused kernel: the same update (to float rounding), 3-5x faster than the per-tensor loop on a CPU
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=dev.type in ("cpu", "cuda"))
     key = {"trajectory": cfg.trajectory_key(), "student": fp_student, "teacher": fp_teacher,
            "world_batch": cfg.batch_size}
     key_digest = _digest(key)
@@ -616,7 +624,7 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
                     hs = _body_hidden(net, ids)
                 leaf = hs.detach().requires_grad_(True)
                 s, _ = chunked_kl(leaf.reshape(-1, net.config.hidden_size), ht, head_s, head_t, cap_s, cap_t,
-                                  cfg.temperature, rows, scale=scale)
+                                  cfg.temperature, rows, scale=scale, amp=use_bf16)
                 hs.backward(leaf.grad)
                 loss += s * scale
                 del ht, hs, leaf
@@ -731,8 +739,8 @@ def add_heal_args(p, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument(f"--{prefix}checkpoint-every", type=int, default=HealConfig.checkpoint_every)
     p.add_argument(f"--{prefix}bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast of the decoder bodies (default: on GPU only; ~1.6x faster on CPUs "
-                        "with native bf16)")
+                   help="bfloat16 autocast of the decoder bodies and head matmuls, softmax and KL in float32 "
+                        "(default: on GPU only; ~1.5x faster a step on CPUs with native bf16)")
 
 
 def heal_options(args, prefix: str = "") -> dict:

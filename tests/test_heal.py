@@ -100,6 +100,19 @@ def test_chunked_kl_matches_direct_and_its_gradient():
     torch.testing.assert_close(head_s.weight.grad, gw_direct, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_kl_bf16_heads_stay_close_and_identical_heads_give_zero():
+    torch.manual_seed(0)
+    h = torch.randn(12, 16)
+    head_s, head_t = torch.nn.Linear(16, 300, bias=False), torch.nn.Linear(16, 300, bias=False)
+    ref, _ = chunked_kl(h, h, head_s, head_t, chunk_rows=5)
+    leaf = h.clone().requires_grad_(True)
+    got, _ = chunked_kl(leaf, h, head_s, head_t, chunk_rows=5, scale=1.0, amp=True)
+    assert got == pytest.approx(ref, rel=2e-2) and got != ref  # bfloat16 matmuls: close, not the same numbers
+    assert leaf.grad is not None and head_s.weight.grad.dtype == torch.float32
+    same, _ = chunked_kl(h, h, head_t, head_t, chunk_rows=5, amp=True)
+    assert same == 0.0
+
+
 def test_student_identical_to_teacher_has_zero_loss_and_keeps_its_weights(train_file):
     teacher = tiny_model("gemma3_text", seed=0)  # soft-capped logits and a BOS-reading family
     res = heal(copy.deepcopy(teacher), teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),),
