@@ -354,9 +354,13 @@ def test_termination_leaves_nothing_behind(tiny_dir, data_dir, tmp_path, where, 
     env = dict(os.environ, DIETPRUNE_SCRATCH_DIR=str(scratch), TMPDIR=str(scratch), DIETPRUNE_PROGRESS="0",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     before = checksums(Path(tiny_dir))
+    # the child gets the default SIGINT disposition even when the suite itself was started with SIGINT
+    # ignored (a background job of a non-interactive shell: `nohup bash scripts/test.sh &`), else Python
+    # keeps ignoring it and the Ctrl-C case cannot be tested
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), where,
                              *prune_args(str(tiny_dir), str(out), data_dir, *extra)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not marker.exists():
