@@ -9,7 +9,9 @@ Checkpoints: the dense model is the preset dequantized to float32; variant ``die
 defaults (bench/structured.py), and ``width-P`` the same with ``method="diet-width", align=32``
 (MLP channels and hidden width multiples of 32, as ``prune --gguf`` picks, so q8_0 rows divide),
 each from one profile per preset (with Gram, and width statistics for ``width-P``) computed once
-and reused for every sparsity. Each checkpoint is exported with ``dietprune.export.export_gguf``
+and reused for every sparsity. Where the structured study has a diet-width cell at P% (seed 0),
+``width-P`` keeps the hidden share of the split that cell's grid chose (by KL) and searches only
+the head options around it, instead of rerunning the whole grid. Each checkpoint is exported with ``dietprune.export.export_gguf``
 as f32, f16, q8_0 and q4_k_m.
 
 A cell is (preset, variant, runtime); runtimes are ``hf-f32`` (transformers, float32, CPU) and
@@ -88,10 +90,29 @@ def checkpoint(args, preset: str, variant: str) -> Path:
         profile(preset, list(DIET_TASKS), samples=100, seed=0, gram=True, widths=widths, output=str(scores),
                 data_dir=args.data_dir)
         print(f"[speed] profiled {preset} in {time.perf_counter() - t0:.0f}s", flush=True)
+    extra = {}
+    if widths:
+        frac = study_hidden_fraction(preset, sparsity)
+        if frac is not None:
+            # the hidden share of the split the study's grid chose (KL on held-out tokens); the grid here
+            # is then only that hidden width (times the head options), cut with align 32
+            extra = {"fractions": [frac]}
+            print(f"[speed] {preset} {variant}: the study's split, hidden fraction {frac:.4f}", flush=True)
     res = prune(preset, tasks=list(DIET_TASKS), sparsity=sparsity, samples=100, seed=0, scores=str(scores),
-                output=str(out), data_dir=args.data_dir, method=method, align=align)
+                output=str(out), data_dir=args.data_dir, method=method, align=align, extra=extra)
     print(f"[speed] pruned {preset} {variant}: hidden {res.summary['hidden_size_after']}", flush=True)
     return out
+
+
+def study_hidden_fraction(preset: str, sparsity: float) -> float | None:
+    """Hidden dimensions removed (as a fraction) by the structured study's diet-width cell at this
+    sparsity (seed 0), or None when the study has no such cell."""
+    f = ROOT / "bench" / "results" / "structured" / "cells" / f"{preset}__diet-width__{sparsity:.2f}__0__default.json"
+    if not f.is_file():
+        return None
+    shape = json.loads(f.read_text()).get("width", {})
+    before, after = shape.get("shape_before", {}).get("hidden"), shape.get("shape_after", {}).get("hidden")
+    return None if not before or after is None else 1.0 - after / before
 
 
 def gguf_file(args, preset: str, variant: str, gguf_type: str) -> Path:
