@@ -70,7 +70,9 @@ def main(argv=None) -> int:
                 lm = load(model)
             t0 = time.perf_counter()
             spec = {k: old[k] for k in ("model", "label", "sparsity", "seed", "variant")}
-            new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles)
+            # the cached cell's test.jsonl perplexity is kept when the rerun reproduces it; a replaced cell
+            # is rerun whole below
+            new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles, test_ppl=False)
             old_scores = {t: v["score"] for t, v in old["tasks"].items()}
             new_scores = {t: v["score"] for t, v in new["tasks"].items()}
             # compared as JSON (the rerun's config holds tuples where the cached one, read back, has lists)
@@ -87,7 +89,10 @@ def main(argv=None) -> int:
                 cell = dict(old, records=new["records"],
                             records_check={"status": "reproduced", "rerun": new["finished"],
                                            **({"config_diff": config_diff} if config_diff else {})})
+                if old.get("ppl_eval") is None and new.get("ppl_eval") is not None:
+                    cell["ppl_eval"] = new["ppl_eval"]  # held-out perplexity (eval.jsonl), new with the rerun
             else:
+                new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles)  # with its test perplexity
                 cell = dict(new, records_check={"status": "replaced", "cached_scores": old_scores,
                                                 "cached_avg": old["avg"], "cached_finished": old.get("finished"),
                                                 "same_mask": old.get("kept") == new.get("kept")})

@@ -558,8 +558,27 @@ def render(results: dict) -> str:
                   "parameters. A hidden-dimension cut shrinks it in proportion, but the output head's matrix-vector "
                   "product over the whole vocabulary stays the largest single cost of each decode step, which bounds "
                   "the decode gain.", ""]
+        lines += width_note(preset, {r["variant"] for r in prs})
         lines += decision_table(results, preset)
     return "\n".join(lines) + "\n"
+
+
+def width_note(preset: str, variants: set) -> list[str]:
+    """Where the study's diet-width grid chose DIET's own cut, width-P is diet-P (same shapes): say so."""
+    out = []
+    for pct in (10, 20, 30):
+        if f"width-{pct}" in variants:
+            continue
+        f = ROOT / "bench" / "results" / "structured" / "cells" / f"{preset}__diet-width__{pct / 100:.2f}__0__default.json"
+        if not f.is_file():
+            continue
+        w = json.loads(f.read_text()).get("width", {})
+        before, after = w.get("shape_before", {}), w.get("shape_after", {})
+        if after and after.get("channels") == before.get("channels") and after.get("heads") == before.get("heads"):
+            out += [f"width-{pct} is not measured separately: at {pct}% the study's diet-width grid chose DIET's own "
+                    f"cut on this model (hidden {before.get('hidden')} → {after.get('hidden')}, MLP and heads "
+                    f"uncut; `{f.relative_to(ROOT)}`), so its shapes, size and speed are diet-{pct}'s.", ""]
+    return out
 
 
 def rss_text(r) -> str:

@@ -175,11 +175,13 @@ def task_profile(cache: dict | None, lm, spec: dict, method: str, opts: dict, se
     return cache[key]
 
 
-def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = None) -> dict:
+def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = None,
+             test_ppl: bool = True) -> dict:
     """Prune a fresh copy of `lm` (LoadedModel), evaluate it, return the cell's JSON.
 
     `profiles`: a cache of task profiles shared between cells (see `task_profile`); None profiles
-    inside every `prune()` call.
+    inside every `prune()` call. `test_ppl=False` skips the perplexity on test.jsonl (`ppl` is then
+    None; bench/paired_records.py keeps the cached one when the rerun reproduces the cell).
     """
     import torch
 
@@ -227,7 +229,8 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
         ev = evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False,
                       log_samples=True)
         t2 = time.perf_counter()
-        ppl = perplexity(model, lm.tokenizer, data_dir, max_tokens=settings["ppl_tokens"] or None)
+        ppl = (perplexity(model, lm.tokenizer, data_dir, max_tokens=settings["ppl_tokens"] or None)
+               if test_ppl else None)
         t3 = time.perf_counter()
         ppl_eval = heldout_perplexity(model, lm.tokenizer, data_dir, settings["ppl_tokens"] or None)
     t4 = time.perf_counter()
@@ -235,7 +238,7 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
     # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
     cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
     cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
-    cell["ppl"] = _finite(float(ppl))
+    cell["ppl"] = _finite(float(ppl)) if ppl is not None else None
     # WikiText-2 perplexity on eval.jsonl (the rows no method calibrates on; `ppl` reads test.jsonl,
     # whose first quarter is wikitext2/calib.jsonl)
     cell["ppl_eval"] = _finite(float(ppl_eval)) if ppl_eval is not None else None
@@ -600,7 +603,9 @@ def render(state: dict) -> str:
          + ", ".join(f"{t} {metric_of.get(t, '?')}" for t in tasks)
          + ". **avg** is the unweighted mean over the tasks, in %.",
          "- Perplexity: WikiText-2 test token perplexity, 2048-token windows, "
-         + ("the full test text." if not cfg["ppl_tokens"] else f"first {cfg['ppl_tokens']} tokens."),
+         + ("the full test text." if not cfg["ppl_tokens"] else f"first {cfg['ppl_tokens']} tokens.")
+         + " **ppl (eval)** at the study sparsity: the same on `wikitext2/eval.jsonl`, text no method calibrates "
+         "on (measured where a cell was run or rerun since it was added; – where not).",
          "- Caveat: `agnostic` calibrates on `wikitext2/calib.jsonl`, and that file is the first 1009 rows of "
          "`wikitext2/test.jsonl`, the text `perplexity()` reads (the wikitext2 task's eval split): its perplexity "
          "is measured partly on its own calibration text; compare it on accuracy.",
@@ -620,16 +625,16 @@ def render(state: dict) -> str:
         L += [f"## {m}", ""]
         top = dm.get("strongest_baselines")
         L += [f"### All methods at {sp0:.0%}", ""]
-        L.append("| method | hidden | params − | " + " | ".join(tasks) + " | avg | skill ret. | avg over seeds | ppl |")
-        L.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
+        L.append("| method | hidden | params − | " + " | ".join(tasks) + " | avg | skill ret. | avg over seeds | ppl | ppl (eval) |")
+        L.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|")
         rows = [("dense", 0.0)] + [(lab, sp0) for lab in cfg["methods"]]
         for lab, sp in rows:
             c = cells.get(cell_key(m, lab, sp, 0))
             if cell_key(m, lab, sp, 0) in unreachable:
-                L.append(f"| {lab} | " + " | ".join(["n/a"] * (len(tasks) + 6)) + " |")
+                L.append(f"| {lab} | " + " | ".join(["n/a"] * (len(tasks) + 7)) + " |")
                 continue
             if c is None:
-                L.append(f"| {lab} | " + " | ".join(["–"] * (len(tasks) + 6)) + " |")
+                L.append(f"| {lab} | " + " | ".join(["–"] * (len(tasks) + 7)) + " |")
                 continue
             st = dm.get("seed_stats", {}).get(lab)
             seedtxt = "–" if not st or st["n"] < 2 else f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f} (n={st['n']})"
@@ -637,7 +642,8 @@ def render(state: dict) -> str:
             flag = " ⚑" if flagged(c, tol) else ""
             L.append(f"| {lab} | {s['hidden_size_after']} | {_pct(s['param_reduction'])}%{flag} | "
                      + " | ".join(_pct(c["tasks"][t]["score"]) if t in c["tasks"] else "–" for t in tasks)
-                     + f" | **{_pct(c['avg'])}** | {_skill_cell(c, dense)} | {seedtxt} | {_ppl(c['ppl'])} |")
+                     + f" | **{_pct(c['avg'])}** | {_skill_cell(c, dense)} | {seedtxt} | {_ppl(c['ppl'])} | "
+                     + (_ppl(c["ppl_eval"]) if c.get("ppl_eval") is not None else "–") + " |")
         L.append("")
         L += [f"**skill ret.** = skill retained, (avg − chance) / (dense avg − chance) over the {len(tasks)} tasks, "
               "chance per task " + ", ".join(f"{t} {_pct(CHANCE.get(t))}" for t in tasks) + "; from the "
