@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", type=float, default=sb.FULL["study_sparsity"])
     ap.add_argument("--cells-dir", default=sb.FULL["cells_dir"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ppl-eval", action="store_true",
+                    help="instead: add the held-out perplexity (wikitext2/eval.jsonl) to cells that have records "
+                         "but lack it (prune again, no task evaluation; the kept mask must match the cached one)")
     ap.add_argument("--data-dir", default=os.environ.get("DIETPRUNE_DATA_DIR"))
     args = ap.parse_args(argv)
 
@@ -63,6 +66,22 @@ def main(argv=None) -> int:
                 print(f"{key}: no cached cell, skipped", flush=True)
                 continue
             old = sb.json.loads(path.read_text())
+            if args.ppl_eval:
+                if old.get("ppl_eval") is not None or not old.get("records") or old.get("infeasible"):
+                    print(f"{key}: {'has ppl_eval' if old.get('ppl_eval') is not None else 'no records'}, skipped",
+                          flush=True)
+                    continue
+                if lm is None:
+                    lm = load(model)
+                t0 = time.perf_counter()
+                spec = {k: old[k] for k in ("model", "label", "sparsity", "seed", "variant")}
+                new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles, test_ppl=False, tasks_eval=False)
+                if new.get("kept") != old.get("kept"):
+                    print(f"{key}: the rerun's mask differs from the cached cell's; ppl_eval not added", flush=True)
+                    continue
+                sb.write_json_atomic(path, dict(old, ppl_eval=new["ppl_eval"]))
+                print(f"{key}: ppl_eval {new['ppl_eval']:.2f} in {time.perf_counter() - t0:.0f}s", flush=True)
+                continue
             if old.get("records") or old.get("infeasible"):
                 print(f"{key}: has records already", flush=True)
                 continue

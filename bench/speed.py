@@ -224,6 +224,19 @@ def worker(args) -> dict:
             "rss": "VmHWM"}
 
 
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Share of the machine's CPU time (all cores) that was not idle during `seconds` (from /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
 def measure(args, preset: str, variant: str, runtime: str) -> dict:
     if runtime == "hf-f32":
         model = checkpoint(args, preset, variant)
@@ -290,7 +303,9 @@ def run(args) -> None:
             cell = load_cell(args, preset, v, runtime)
             if len(cell["repeats"]) > rep:
                 continue
+            busy = cpu_busy()  # how busy the machine was just before, with none of this bench's processes running
             m = measure(args, preset, v, runtime)
+            m["cpu_busy_before"] = round(busy, 3)
             m["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             cell["repeats"].append(m)
             if "intermediate_size" not in cell.get("model", {}):
@@ -413,6 +428,7 @@ def collect(args) -> dict:
         dense = cells.get((preset, "dense", runtime))
         row = {k: c[k] for k in ("preset", "variant", "sparsity", "runtime", "prefill", "decode", "peak_rss_bytes",
                                  "file_bytes", "model")}
+        row["loads"] = [r["cpu_busy_before"] for r in c["repeats"] if "cpu_busy_before" in r]
         if dense is not None and variant != "dense":
             param_ratio = dense["model"]["params"] / c["model"]["params"]
             byte_ratio = dense["file_bytes"] / c["file_bytes"]
@@ -500,11 +516,11 @@ def render(results: dict) -> str:
         "",
         f"Machine: {results['machine'].get('cpu')}, {results['machine'].get('cores')} cores, torch "
         f"{results['machine'].get('torch')}, llama-cpp-python {results['machine'].get('llama_cpp_python', '?')}; "
-        f"{results['settings']['threads']} threads per measurement. **The machine was shared with other agents' jobs "
-        "while this ran**, so absolute figures are noisy; ratios come from repeats measured side by side in the same "
-        "round (each round measures every cell once, in a fresh process). Figures: median (min–max) over the repeats. "
-        "Peak RSS shows – where the repeats predate the VmHWM measurement (the first ones read ru_maxrss, which "
-        "carries the parent process's peak across fork and exec, and were discarded).",
+        f"{results['settings']['threads']} threads per measurement. {load_text(rows)} Ratios come from repeats "
+        "measured side by side in the same round (each round measures every cell once, in a fresh process). Figures: "
+        "median (min–max) over the repeats. Peak RSS shows – where the repeats predate the VmHWM measurement (the "
+        "first ones read ru_maxrss, which carries the parent process's peak across fork and exec, and were "
+        "discarded).",
         "",
         f"Prefill: one forward of a {PROMPT_TOKENS}-token WikiText-2 prompt. Decode: {NEW_TOKENS} greedy steps with "
         "the KV cache after that prompt. Peak RSS: the measuring process (Python + runtime + model). Size: the "
@@ -579,6 +595,17 @@ def width_note(preset: str, variants: set) -> list[str]:
                     f"cut on this model (hidden {before.get('hidden')} → {after.get('hidden')}, MLP and heads "
                     f"uncut; `{f.relative_to(ROOT)}`), so its shapes, size and speed are diet-{pct}'s.", ""]
     return out
+
+
+def load_text(rows) -> str:
+    """How busy the machine was: the non-idle CPU share in the half second before each measurement."""
+    loads = [x for r in rows for x in r.get("loads", [])]
+    if not loads:
+        return ("**The machine was shared with other agents' jobs while these repeats ran** (its load was not "
+                "recorded), so absolute figures are noisy.")
+    return (f"Before each of the {len(loads)} measurements the bench read how busy the CPUs were for half a second, "
+            f"with none of its own processes running: median {statistics.median(loads):.0%}, max {max(loads):.0%} "
+            "of all cores' time.")
 
 
 def rss_text(r) -> str:

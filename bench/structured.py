@@ -176,12 +176,14 @@ def task_profile(cache: dict | None, lm, spec: dict, method: str, opts: dict, se
 
 
 def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = None,
-             test_ppl: bool = True) -> dict:
+             test_ppl: bool = True, tasks_eval: bool = True) -> dict:
     """Prune a fresh copy of `lm` (LoadedModel), evaluate it, return the cell's JSON.
 
     `profiles`: a cache of task profiles shared between cells (see `task_profile`); None profiles
     inside every `prune()` call. `test_ppl=False` skips the perplexity on test.jsonl (`ppl` is then
-    None; bench/paired_records.py keeps the cached one when the rerun reproduces the cell).
+    None; bench/paired_records.py keeps the cached one when the rerun reproduces the cell);
+    `tasks_eval=False` skips the task evaluation too (no "tasks", "records" or "avg": a perplexity-only
+    rerun).
     """
     import torch
 
@@ -226,25 +228,26 @@ def run_cell(lm, spec: dict, settings: dict, data_dir, profiles: dict | None = N
                                "votes": [int(v) for v in votes.tolist()]}
     t1 = time.perf_counter()
     with torch.no_grad():
-        ev = evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False,
-                      log_samples=True)
+        ev = (evaluate(model, lm.tokenizer, tasks, limit=settings["limit"], data_dir=data_dir, progress=False,
+                       log_samples=True) if tasks_eval else None)
         t2 = time.perf_counter()
         ppl = (perplexity(model, lm.tokenizer, data_dir, max_tokens=settings["ppl_tokens"] or None)
                if test_ppl else None)
         t3 = time.perf_counter()
         ppl_eval = heldout_perplexity(model, lm.tokenizer, data_dir, settings["ppl_tokens"] or None)
     t4 = time.perf_counter()
-    cell["tasks"] = task_summary(ev["tasks"])
-    # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
-    cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
-    cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
+    if ev is not None:
+        cell["tasks"] = task_summary(ev["tasks"])
+        # per-example records (gold, predictions, gold log-likelihood): paired comparisons between cells
+        cell["records"] = {t: compact_records(r) for t, r in ev["samples"].items() if r and "gold" in r[0]}
+        cell["avg"] = statistics.fmean(t["score"] for t in cell["tasks"].values())
     cell["ppl"] = _finite(float(ppl)) if ppl is not None else None
     # WikiText-2 perplexity on eval.jsonl (the rows no method calibrates on; `ppl` reads test.jsonl,
     # whose first quarter is wikitext2/calib.jsonl)
     cell["ppl_eval"] = _finite(float(ppl_eval)) if ppl_eval is not None else None
     cell["seconds"] = {"prune": round(t1 - t0, 1), "eval": round(t2 - t1, 1), "ppl": round(t3 - t2, 1),
                        "ppl_eval": round(t4 - t3, 1), "total": round(t4 - t0, 1),
-                       "eval_per_task": ev["meta"].get("seconds", {})}
+                       "eval_per_task": ev["meta"].get("seconds", {}) if ev is not None else {}}
     cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     del model, res
     gc.collect()
