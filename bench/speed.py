@@ -574,9 +574,30 @@ def render(results: dict) -> str:
                   "parameters. A hidden-dimension cut shrinks it in proportion, but the output head's matrix-vector "
                   "product over the whole vocabulary stays the largest single cost of each decode step, which bounds "
                   "the decode gain.", ""]
+        lines += p3_summary(prs)
         lines += width_note(preset, {r["variant"] for r in prs})
         lines += decision_table(results, preset)
     return "\n".join(lines) + "\n"
+
+
+def p3_summary(prs) -> list[str]:
+    """Which pruned cells reach the goal P3 prefill >= 0.9, and which do not."""
+    cells = [r for r in prs if "P3_prefill" in r]
+    if not cells:
+        return []
+    low = [f"{r['variant']} {r['runtime']} ({r['P3_prefill']:.2f})" for r in cells if r["P3_prefill"] < 0.9]
+    out = f"P3 prefill at least 0.9 (the goal): {len(cells) - len(low)} of {len(cells)} pruned cells"
+    odd = sorted({r["model"]["hidden_size"] for r in cells if r["runtime"] != "hf-f32" and r["P3_prefill"] < 0.9
+                  and r["model"]["hidden_size"] % 32})
+    lines = [out + (f"; below it: {', '.join(low)}." if low else ".")]
+    if odd:
+        lines.append(f"In llama.cpp, hidden sizes {', '.join(map(str, odd))} are not multiples of 32: those rows do not "
+                     "divide into q8_0 / K-quant blocks (the files keep them f16, which is why they are larger than "
+                     "dense q8_0), and even the f16 files run prefill at about half the dense speed. `prune --gguf` "
+                     "aligns the hidden size to 32 where the head count allows; on this model it does not (see "
+                     "`dietprune.export.gguf_align`), and `diet-width`, whose MLP cut aligns freely, is the cut to "
+                     "export.")
+    return lines + [""]
 
 
 def width_note(preset: str, variants: set) -> list[str]:
