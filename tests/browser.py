@@ -110,6 +110,29 @@ async def _inspect(ws_url: str, url: str, screenshot: bool, width: int) -> dict:
     return {"errors": errors, "figures": figures, "title": title, "screenshot": shot}
 
 
+def _stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate the process group of `proc` and wait until none of its processes is left."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                os.killpg(proc.pid, 0)  # any process of the group still alive?
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
 def inspect(page: str | os.PathLike, screenshot: bool = False, width: int = 1200, timeout: float = 120) -> dict:
     """Open ``page`` (an HTML file) in headless Chromium; returns errors, figure sizes, title, PNG bytes."""
     exe = chromium()
@@ -117,10 +140,12 @@ def inspect(page: str | os.PathLike, screenshot: bool = False, width: int = 1200
         raise RuntimeError("no chromium found")
     url = Path(page).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="dietprune-chromium-") as profile:
+        # its own process group: Chromium's helper processes outlive the browser process by a moment and
+        # keep writing into the profile, so the whole group is stopped before the profile is removed
         proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--disable-extensions", "--disable-background-networking", "--mute-audio",
                                  f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             ws_url = None
             for line in proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"
@@ -132,11 +157,7 @@ def inspect(page: str | os.PathLike, screenshot: bool = False, width: int = 1200
                 raise RuntimeError("chromium did not start its DevTools endpoint")
             return asyncio.run(asyncio.wait_for(_inspect(ws_url, url, screenshot, width), timeout))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_group(proc)
 
 
 if __name__ == "__main__":
