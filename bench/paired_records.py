@@ -67,14 +67,18 @@ def main(argv=None) -> int:
                 continue
             old = sb.json.loads(path.read_text())
             if args.ppl_eval:
-                if old.get("ppl_eval") is not None or not old.get("records") or old.get("infeasible"):
-                    print(f"{key}: {'has ppl_eval' if old.get('ppl_eval') is not None else 'no records'}, skipped",
-                          flush=True)
-                    continue
-                if lm is None:
-                    lm = load(model)
-                t0 = time.perf_counter()
-                spec = {k: old[k] for k in ("model", "label", "sparsity", "seed", "variant")}
+                skip = ("has ppl_eval, skipped" if old.get("ppl_eval") is not None else
+                        "no records, skipped" if not old.get("records") or old.get("infeasible") else None)
+            else:
+                skip = "has records already" if old.get("records") or old.get("infeasible") else None
+            if skip:
+                print(f"{key}: {skip}", flush=True)
+                continue
+            if lm is None:
+                lm = load(model)
+            t0 = time.perf_counter()
+            spec = {k: old[k] for k in ("model", "label", "sparsity", "seed", "variant")}
+            if args.ppl_eval:
                 new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles, test_ppl=False, tasks_eval=False)
                 if new.get("kept") != old.get("kept"):
                     print(f"{key}: the rerun's mask differs from the cached cell's; ppl_eval not added", flush=True)
@@ -82,13 +86,6 @@ def main(argv=None) -> int:
                 sb.write_json_atomic(path, dict(old, ppl_eval=new["ppl_eval"]))
                 print(f"{key}: ppl_eval {new['ppl_eval']:.2f} in {time.perf_counter() - t0:.0f}s", flush=True)
                 continue
-            if old.get("records") or old.get("infeasible"):
-                print(f"{key}: has records already", flush=True)
-                continue
-            if lm is None:
-                lm = load(model)
-            t0 = time.perf_counter()
-            spec = {k: old[k] for k in ("model", "label", "sparsity", "seed", "variant")}
             # the cached cell's test.jsonl perplexity is kept when the rerun reproduces it; a replaced cell
             # is rerun whole below
             new = sb.run_cell(lm, spec, old["settings"], args.data_dir, profiles, test_ppl=False)

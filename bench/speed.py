@@ -104,14 +104,22 @@ def checkpoint(args, preset: str, variant: str) -> Path:
     return out
 
 
+STUDY_CELLS = ROOT / "bench" / "results" / "structured" / "cells"
+
+
+def study_width(preset: str, sparsity: float) -> tuple[Path, dict] | None:
+    """(file, its "width" block: shapes before/after, split, candidates) of the structured study's
+    diet-width cell at this sparsity (seed 0), or None when the study has no such cell."""
+    f = STUDY_CELLS / f"{preset}__diet-width__{sparsity:.2f}__0__default.json"
+    return (f, json.loads(f.read_text()).get("width", {})) if f.is_file() else None
+
+
 def study_hidden_fraction(preset: str, sparsity: float) -> float | None:
-    """Hidden dimensions removed (as a fraction) by the structured study's diet-width cell at this
-    sparsity (seed 0), or None when the study has no such cell."""
-    f = ROOT / "bench" / "results" / "structured" / "cells" / f"{preset}__diet-width__{sparsity:.2f}__0__default.json"
-    if not f.is_file():
+    """Hidden dimensions removed (as a fraction) by the study's diet-width cell at this sparsity."""
+    got = study_width(preset, sparsity)
+    if got is None:
         return None
-    shape = json.loads(f.read_text()).get("width", {})
-    before, after = shape.get("shape_before", {}).get("hidden"), shape.get("shape_after", {}).get("hidden")
+    before, after = got[1].get("shape_before", {}).get("hidden"), got[1].get("shape_after", {}).get("hidden")
     return None if not before or after is None else 1.0 - after / before
 
 
@@ -428,7 +436,7 @@ def collect(args) -> dict:
         dense = cells.get((preset, "dense", runtime))
         row = {k: c[k] for k in ("preset", "variant", "sparsity", "runtime", "prefill", "decode", "peak_rss_bytes",
                                  "file_bytes", "model")}
-        row["loads"] = [r["cpu_busy_before"] for r in c["repeats"] if "cpu_busy_before" in r]
+        row["cpu_busy"] = [r["cpu_busy_before"] for r in c["repeats"] if "cpu_busy_before" in r]
         if dense is not None and variant != "dense":
             param_ratio = dense["model"]["params"] / c["model"]["params"]
             byte_ratio = dense["file_bytes"] / c["file_bytes"]
@@ -472,7 +480,7 @@ def study_figures() -> dict:
     if not path.is_file():
         return out
     data = json.loads(path.read_text())
-    cells_dir = ROOT / "bench" / "results" / "structured" / "cells"
+    cells_dir = STUDY_CELLS
     for preset in PRESETS:
         dense = cells_dir / f"{preset}__dense__0.00__0__default.json"
         if not dense.is_file():
@@ -516,7 +524,7 @@ def render(results: dict) -> str:
         "",
         f"Machine: {results['machine'].get('cpu')}, {results['machine'].get('cores')} cores, torch "
         f"{results['machine'].get('torch')}, llama-cpp-python {results['machine'].get('llama_cpp_python', '?')}; "
-        f"{results['settings']['threads']} threads per measurement. {load_text(rows)} Ratios come from repeats "
+        f"{results['settings']['threads']} threads per measurement. {busy_text(rows)} Ratios come from repeats "
         "measured side by side in the same round (each round measures every cell once, in a fresh process). Figures: "
         "median (min–max) over the repeats. Peak RSS shows – where the repeats predate the VmHWM measurement (the "
         "first ones read ru_maxrss, which carries the parent process's peak across fork and exec, and were "
@@ -606,10 +614,10 @@ def width_note(preset: str, variants: set) -> list[str]:
     for pct in (10, 20, 30):
         if f"width-{pct}" in variants:
             continue
-        f = ROOT / "bench" / "results" / "structured" / "cells" / f"{preset}__diet-width__{pct / 100:.2f}__0__default.json"
-        if not f.is_file():
+        got = study_width(preset, pct / 100)
+        if got is None:
             continue
-        w = json.loads(f.read_text()).get("width", {})
+        f, w = got
         before, after = w.get("shape_before", {}), w.get("shape_after", {})
         if after and after.get("channels") == before.get("channels") and after.get("heads") == before.get("heads"):
             out += [f"width-{pct} is not measured separately: at {pct}% the study's diet-width grid chose DIET's own "
@@ -618,14 +626,14 @@ def width_note(preset: str, variants: set) -> list[str]:
     return out
 
 
-def load_text(rows) -> str:
+def busy_text(rows) -> str:
     """How busy the machine was: the non-idle CPU share in the half second before each measurement."""
-    loads = [x for r in rows for x in r.get("loads", [])]
-    if not loads:
+    busy = [x for r in rows for x in r.get("cpu_busy", [])]
+    if not busy:
         return ("**The machine was shared with other agents' jobs while these repeats ran** (its load was not "
                 "recorded), so absolute figures are noisy.")
-    return (f"Before each of the {len(loads)} measurements the bench read how busy the CPUs were for half a second, "
-            f"with none of its own processes running: median {statistics.median(loads):.0%}, max {max(loads):.0%} "
+    return (f"Before each of the {len(busy)} measurements the bench read how busy the CPUs were for half a second, "
+            f"with none of its own processes running: median {statistics.median(busy):.0%}, max {max(busy):.0%} "
             "of all cores' time.")
 
 

@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 #: Sizes of every <img> and <svg>, in CSS pixels, after layout.
@@ -112,9 +114,6 @@ async def _inspect(ws_url: str, url: str, screenshot: bool, width: int) -> dict:
 
 def _stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
     """Terminate the process group of `proc` and wait until none of its processes is left."""
-    import signal
-    import time
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
