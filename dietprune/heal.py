@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from .distill import TopKCache, chunked_kl, topk_kl, topk_teacher, windows_digest
 from .errors import DietpruneError
 
 MODES = ("full", "lora", "norms")
@@ -77,6 +78,10 @@ class HealConfig:
     checkpoint_every: int = 100  # steps between saved states (0: only at the end / on Ctrl-C)
     chunk_elements: int = 1 << 22  # logits per head chunk (4M floats = 16 MiB)
     bf16: bool | None = None  # bfloat16 autocast of the decoder bodies and head matmuls (softmax/KL float32); None: GPU
+    # 0: the teacher runs at every step, full-vocabulary KL. k > 0: its top-k log-probabilities of each
+    # training window are cached on disk the first time the window is seen and read back in later epochs
+    # (every epoch then reuses the first epoch's windows, reshuffled); the loss is the top-k KL + tail bucket
+    teacher_topk: int = 0
 
     def __post_init__(self):
         self.tasks, self.general, self.files = tuple(self.tasks), tuple(self.general), tuple(self.files)
@@ -84,6 +89,8 @@ class HealConfig:
             raise DietpruneError(f"heal mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.schedule not in ("constant", "cosine"):
             raise DietpruneError(f"schedule must be 'constant' or 'cosine', got '{self.schedule}'")
+        if not isinstance(self.teacher_topk, int) or self.teacher_topk < 0:
+            raise DietpruneError(f"teacher-topk must be 0 (off) or a positive integer, got {self.teacher_topk}")
         for name in ("tokens", "seq_len", "batch_size", "lora_rank", "chunk_elements"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise DietpruneError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -126,6 +133,8 @@ class HealConfig:
         d = self.recipe()
         for k in ("minutes", "checkpoint_every", "micro_batch", "chunk_elements"):
             d.pop(k)
+        if not self.teacher_topk:
+            d.pop("teacher_topk")  # states saved before the option existed stay valid
         if self.schedule == "constant":
             d.pop("tokens")
         return d
@@ -147,48 +156,6 @@ def _head_parts(model):
     from .evaluate.loglik import decoder_parts
 
     return decoder_parts(model)
-
-
-def _logits(head, hidden, cap, temperature, amp: bool = False):
-    if amp:  # the head's matmul in bfloat16 (float32 accumulation); softmax and KL stay float32
-        with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
-            z = head(hidden)
-        z = z.float()
-    else:
-        z = head(hidden).float()
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z / temperature if temperature != 1.0 else z
-
-
-def chunked_kl(student_hidden, teacher_hidden, student_head, teacher_head, cap_s=None, cap_t=None,
-               temperature: float = 1.0, chunk_rows: int = 1024, scale: float | None = None,
-               amp: bool = False) -> tuple[float, int]:
-    """Sum over rows of KL(p_teacher || p_student) from final hidden states ([N, d_s], [N, d_t]).
-
-    With ``scale`` (a float), the gradient of ``scale * sum`` is accumulated into
-    ``student_hidden.grad`` (it must be a leaf that requires grad) and into the student head's
-    parameters, one chunk of rows at a time. ``amp``: the heads' matmuls under bfloat16 autocast.
-    Returns (sum of KL, rows).
-    """
-    total = 0.0
-    n = student_hidden.shape[0]
-    for start in range(0, n, chunk_rows):
-        hs = student_hidden[start:start + chunk_rows]
-        with torch.no_grad():
-            lt = _logits(teacher_head, teacher_hidden[start:start + chunk_rows], cap_t, temperature, amp).log_softmax(-1)
-        with torch.enable_grad() if scale is not None else torch.no_grad():
-            zs = _logits(student_head, hs, cap_s, temperature, amp)
-        with torch.no_grad():
-            ls = zs.detach().log_softmax(-1)
-            pt = lt.exp()
-            total += float((pt * (lt - ls)).sum(dtype=torch.float64))
-            if scale is not None:
-                grad = ls.exp_().sub_(pt).mul_(scale)  # d KL / d z_s = softmax(z_s) - p_t
-        if scale is not None:
-            zs.backward(grad)
-        del lt, zs, ls, pt
-    return total, n
 
 
 def _rows_per_chunk(head, chunk_elements: int) -> int:
@@ -342,13 +309,17 @@ class SequenceStream:
 
     Every document is tokenised (no BOS), cut into pieces of at most one window; each epoch
     shuffles the pieces (seed, epoch), joins them with EOS and cuts windows of ``seq_len``
-    tokens (``seq_len - 1`` plus a leading BOS for models that read one).
+    tokens (``seq_len - 1`` plus a leading BOS for models that read one). With ``fixed_windows``
+    every later epoch is the first epoch's windows in a new seeded order (``window_id`` names the
+    window, so a cache of the teacher's outputs per window stays valid).
     """
 
-    def __init__(self, tokenizer, texts: dict[str, list[str]], seq_len: int, seed: int, add_bos: bool):
+    def __init__(self, tokenizer, texts: dict[str, list[str]], seq_len: int, seed: int, add_bos: bool,
+                 fixed_windows: bool = False):
         from .encoding import encode
 
-        self.seq_len, self.seed = seq_len, seed
+        self.seq_len, self.seed, self.fixed_windows = seq_len, seed, fixed_windows
+        self._orders: list[list[int]] = []
         self.bos = tokenizer.bos_token_id if add_bos and tokenizer.bos_token_id is not None else None
         self.eos = tokenizer.eos_token_id
         width = seq_len - (self.bos is not None)
@@ -371,6 +342,14 @@ class SequenceStream:
     def _epoch(self, e: int) -> list[list[int]]:
         while len(self._epochs) <= e:
             k = len(self._epochs)
+            if self.fixed_windows and k > 0:
+                order = list(range(len(self._epochs[0])))
+                random.Random(self.seed * 1_000_003 + k).shuffle(order)
+                self._orders.append(order)
+                self._epochs.append([self._epochs[0][i] for i in order])
+                continue
+            if k == 0:
+                self._orders.append([])  # epoch 0: the identity
             order = list(range(len(self.pieces)))
             random.Random(self.seed * 1_000_003 + k).shuffle(order)
             stream: list[int] = []
@@ -383,12 +362,23 @@ class SequenceStream:
             self._epochs.append([prefix + stream[j:j + w] for j in range(0, len(stream) - w + 1, w)])
         return self._epochs[e]
 
-    def __getitem__(self, g: int) -> list[int]:
+    def _locate(self, g: int) -> tuple[int, int]:
         e = 0
         while g >= len(self._epoch(e)):
             g -= len(self._epoch(e))
             e += 1
-        return self._epoch(e)[g]
+        return e, g
+
+    def __getitem__(self, g: int) -> list[int]:
+        e, j = self._locate(g)
+        return self._epoch(e)[j]
+
+    def window_id(self, g: int) -> int:
+        """The first-epoch index of global sequence g (``fixed_windows`` only)."""
+        if not self.fixed_windows:
+            raise DietpruneError("window ids need fixed windows")
+        e, j = self._locate(g)
+        return j if e == 0 else self._orders[e][j]
 
     @property
     def sequences_per_epoch(self) -> int:
@@ -549,7 +539,10 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
     student_meta = _read_meta(student)
     student_tensors = _read_mask(student)
     fp_student, fp_teacher = model_fingerprint(net), model_fingerprint(tnet)
-    stream = SequenceStream(stu.tokenizer, texts, cfg.seq_len, cfg.seed, wants_bos(net))
+    stream = SequenceStream(stu.tokenizer, texts, cfg.seq_len, cfg.seed, wants_bos(net),
+                            fixed_windows=cfg.teacher_topk > 0)
+    if cfg.teacher_topk > tnet.config.vocab_size:
+        raise DietpruneError(f"teacher-topk {cfg.teacher_topk} exceeds the vocabulary ({tnet.config.vocab_size})")
 
     peft_model = _setup_trainable(net, cfg)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -569,6 +562,10 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
         with torch.no_grad():
             for n, p in zip(names, params):
                 p.copy_(st["params"][n])
+        if st["step"] > cfg.steps:
+            raise DietpruneError(f"the saved state in {state_dir} has trained {st['step'] * cfg.batch_size * cfg.seq_len:,} "
+                                 f"tokens, more than --tokens {cfg.tokens:,}: give a larger budget, or remove that "
+                                 "folder to start afresh")
         opt.load_state_dict(st["optimizer"])
         step, history, seconds_before = st["step"], st["history"], st["seconds"]
 
@@ -585,6 +582,21 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
     scale = cfg.temperature ** 2 / tokens_per_step
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else dev.type == "cuda"
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else _null()
+    cache, cache_tmp = None, None
+    if cfg.teacher_topk:
+        import tempfile
+
+        first = stream._epoch(0)
+        ckey = {"teacher": fp_teacher, "windows": windows_digest(first), "temperature": cfg.temperature,
+                "bf16": use_bf16, "cap": cap_t}
+        if state_dir is None:  # private to this process (each fills only its own windows), removed at the end
+            cache_tmp = Path(tempfile.mkdtemp(prefix="dietprune-topk-"))
+        folder = (cache_tmp or state_dir) / f"teacher-top{cfg.teacher_topk}"
+        if cache_tmp is not None or distributed.is_main():
+            cache = TopKCache(folder, len(first), cfg.seq_len, cfg.teacher_topk, ckey, create=True)
+        distributed.barrier()
+        if cache is None:
+            cache = TopKCache(folder, len(first), cfg.seq_len, cfg.teacher_topk, ckey, create=False)
     seconds_load = time.perf_counter() - t_load
 
     def state_payload():
@@ -594,6 +606,8 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
                 "optimizer": opt.state_dict()}
 
     def save_state():
+        if cache is not None:
+            cache.flush()
         if state_dir is not None and distributed.is_main():
             _save_state(state_dir, state_payload())
         distributed.barrier()
@@ -614,17 +628,32 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             opt.zero_grad(set_to_none=False)
-            mine = [stream[step * cfg.batch_size + j] for j in range(rank, cfg.batch_size, world)]
+            gs = [step * cfg.batch_size + j for j in range(rank, cfg.batch_size, world)]
+            mine = [stream[g] for g in gs]
             loss = 0.0
             for i in range(0, len(mine), micro):
                 ids = torch.tensor(mine[i:i + micro], device=dev)
-                with torch.no_grad(), autocast:
-                    ht = _body_hidden(tnet, ids).reshape(-1, tnet.config.hidden_size)
+                if cache is None:
+                    with torch.no_grad(), autocast:
+                        ht = _body_hidden(tnet, ids).reshape(-1, tnet.config.hidden_size)
+                else:
+                    wids = [stream.window_id(g) for g in gs[i:i + micro]]
+                    miss = list(dict.fromkeys(cache.missing(wids)))
+                    if miss:  # the teacher runs once per window
+                        with torch.no_grad(), autocast:
+                            ht = _body_hidden(tnet, ids[[wids.index(w) for w in miss]])
+                        cache.put(miss, *topk_teacher(ht.reshape(-1, tnet.config.hidden_size), head_t,
+                                                      cfg.teacher_topk, cap_t, cfg.temperature, rows, use_bf16))
+                    ht = cache.get(wids)
                 with autocast:
                     hs = _body_hidden(net, ids)
                 leaf = hs.detach().requires_grad_(True)
-                s, _ = chunked_kl(leaf.reshape(-1, net.config.hidden_size), ht, head_s, head_t, cap_s, cap_t,
-                                  cfg.temperature, rows, scale=scale, amp=use_bf16)
+                if cache is None:
+                    s, _ = chunked_kl(leaf.reshape(-1, net.config.hidden_size), ht, head_s, head_t, cap_s, cap_t,
+                                      cfg.temperature, rows, scale=scale, amp=use_bf16)
+                else:
+                    s, _ = topk_kl(leaf.reshape(-1, net.config.hidden_size), *ht, head_s, cap_s, cfg.temperature,
+                                   rows, scale=scale, amp=use_bf16)
                 hs.backward(leaf.grad)
                 loss += s * scale
                 del ht, hs, leaf
@@ -652,6 +681,11 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
             print(f"dietprune: heal interrupted at step {step}/{cfg.steps}; state saved in {state_dir} "
                   "(rerun with --resume); no output written", file=sys.stderr)
         raise
+    finally:
+        topk_mass = cache.mass() if cache is not None else None
+        if cache_tmp is not None:
+            cache.remove()
+            shutil.rmtree(cache_tmp, ignore_errors=True)
     bar.close()
     train_seconds = time.perf_counter() - t0
     if stopped and state_dir is not None:
@@ -670,6 +704,8 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
         "loss_first": history[0]["loss"] if history else None, "loss_last": history[-1]["loss"] if history else None,
         "world_size": world, "device": str(dev),
     }
+    if cfg.teacher_topk:  # the teacher's mean probability inside its top k (1.0: the top-k loss is the full KL)
+        summary["teacher_topk_mass"] = round(topk_mass, 6) if topk_mass is not None else None
     recipe = {"schema": SCHEMA, "teacher": tea.spec, "teacher_fingerprint": fp_teacher, "student": stu.spec,
               "student_fingerprint": fp_student, "data": {"sources": list(texts),
                                                           "tokens_by_source": stream.tokens_by_source,
@@ -688,6 +724,8 @@ def heal(student, teacher, output=None, *, config: HealConfig | None = None, tok
         result.output = out
     distributed.barrier()
     if state_dir is not None and not stopped and not keep_state and distributed.is_main():
+        if cache is not None and cache_tmp is None:
+            cache.remove()
         _remove_state(state_dir)
     elif state_dir is not None and keep_state and not stopped:
         save_state()
@@ -738,6 +776,10 @@ def add_heal_args(p, prefix: str = "") -> None:
                    help="sequences per step, over all processes")
     p.add_argument(f"--{prefix}minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument(f"--{prefix}checkpoint-every", type=int, default=HealConfig.checkpoint_every)
+    p.add_argument(f"--{prefix}teacher-topk", type=int, default=0, metavar="K",
+                   help="cache the teacher's top-K log-probabilities per training window on disk and read them "
+                        "back in later epochs instead of running the teacher every step (loss: top-K KL + one "
+                        "tail bucket; 0, the default: the teacher every step, full-vocabulary KL)")
     p.add_argument(f"--{prefix}bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast of the decoder bodies and head matmuls, softmax and KL in float32 "
                         "(default: on GPU only; ~1.5x faster a step on CPUs with native bf16)")
@@ -750,7 +792,7 @@ def heal_options(args, prefix: str = "") -> dict:
         raise DietpruneError("choose one of --full, --lora RANK and --mode")
     opts = dict(mode=mode, lr=g("lr"), temperature=g("temperature"), seq_len=g("seq_len"),
                 batch_size=g("batch_size"), minutes=g("minutes"), checkpoint_every=g("checkpoint_every"),
-                bf16=g("bf16"),
+                bf16=g("bf16"), teacher_topk=g("teacher_topk"),
                 general=() if g("general") in (None, "", "none") else tuple(x for x in g("general").split(",") if x),
                 files=tuple(x for x in (g("files") or "").split(",") if x))
     if g("lora"):

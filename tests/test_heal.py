@@ -197,9 +197,11 @@ def test_a_shorter_run_is_the_prefix_of_a_longer_one(train_file, tmp_path):
     long = heal(student, teacher, tokens=32 * 4 * 6, **opts)
     state = tmp_path / "s"
     heal(student, teacher, tokens=32 * 4 * 3, state_dir=state, keep_state=True, **opts)
-    cont = heal(student, teacher, tokens=32 * 4 * 6, state_dir=state, resume=True, **opts)
+    cont = heal(student, teacher, tokens=32 * 4 * 6, state_dir=state, resume=True, keep_state=True, **opts)
     for (n, a), (_, b) in zip(long.model.state_dict().items(), cont.model.state_dict().items()):
         assert torch.equal(a, b), n
+    with pytest.raises(DietpruneError, match="more than --tokens"):  # never a longer run passed off as a shorter one
+        heal(student, teacher, tokens=32 * 4 * 3, state_dir=state, resume=True, **opts)
 
 
 def test_sequence_stream_is_seeded_packed_and_budget_independent():
@@ -261,11 +263,14 @@ def test_cli_heal_writes_a_plain_checkpoint(train_file, tmp_path):
     student = save_tiny(tmp_path / "student", "llama", seed=1)
     teacher = save_tiny(tmp_path / "teacher", "llama", seed=0)
     r = _cli("heal", str(student), "--teacher", str(teacher), "--tasks", "none", "--general", "none", "--files",
-             str(train_file), "--tokens", "256", "--seq-len", "32", "--lora", "4", "--output", str(tmp_path / "out"))
+             str(train_file), "--tokens", "256", "--seq-len", "32", "--lora", "4", "--teacher-topk", "16",
+             "--output", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "healed (lora) 256 tokens" in r.stdout
     meta = json.loads((tmp_path / "out" / "dietprune.json").read_text())
     assert meta["heal"]["config"]["mode"] == "lora" and meta["heal"]["data"]["sources"] == ["file:train.txt"]
+    assert meta["heal"]["config"]["teacher_topk"] == 16 and 0 < meta["heal"]["summary"]["teacher_topk_mass"] < 1
+    assert not heal_module.default_state_dir(tmp_path / "out").exists()  # state and teacher cache removed
     loaded = dietprune.load(str(tmp_path / "out"))
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())
     r = _cli("heal", str(student), "--teacher", str(teacher), "--tasks", "none", "--general", "none", "--files",
@@ -280,7 +285,7 @@ from dietprune.heal import heal
 from dietprune import distributed
 torch.set_num_threads(1)
 res = heal({student!r}, {teacher!r}, files=({train!r},), tokens=32 * 4 * 4, seq_len=32, batch_size=4,
-           micro_batch={micro}, lr=3e-3, progress=False)
+           micro_batch={micro}, lr=3e-3, progress=False{extra})
 if distributed.is_main():
     torch.save(res.model.state_dict(), {out!r})
 """
@@ -292,10 +297,14 @@ def test_two_gloo_processes_equal_one(train_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DIETPRUNE_PROGRESS": "0",
            "DIETPRUNE_DEVICE": "cpu"}
     env.pop("DIETPRUNE_DATA_DIR", None)
-    for name, n, micro in (("one", 1, 1), ("two", 2, 2)):
+    # with the teacher's top-k cache too: in a shared state folder the main process makes the files
+    topk = f", teacher_topk=8, state_dir={str(tmp_path / 'state')!r}"
+    for name, n, micro, extra in (("one", 1, 1, ""), ("two", 2, 2, ""), ("one_k", 1, 1, ", teacher_topk=8"),
+                                  ("two_k", 2, 2, topk)):
         script = tmp_path / f"{name}.py"
         script.write_text(WORKER.format(tests=str(REPO / "tests"), student=str(student), teacher=str(teacher),
-                                        train=str(train_file), micro=micro, out=str(tmp_path / f"{name}.pt")))
+                                        train=str(train_file), micro=micro, out=str(tmp_path / f"{name}.pt"),
+                                        extra=extra))
         port = str(31000 + 2 * (os.getpid() % 1000) + n)
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
                             "--master_port", port, str(script)], capture_output=True, text=True, env=env, timeout=240)
@@ -305,6 +314,11 @@ def test_two_gloo_processes_equal_one(train_file, tmp_path):
     assert any(not torch.equal(one[k], start[k]) for k in one)
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+    one_k, two_k = torch.load(tmp_path / "one_k.pt"), torch.load(tmp_path / "two_k.pt")
+    assert any(not torch.equal(one[k], one_k[k]) for k in one)  # another loss
+    for k in one_k:
+        torch.testing.assert_close(one_k[k], two_k[k], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "state").exists()
 
 
 def test_prune_with_heal_tokens_prunes_then_heals(tmp_path, data_dir, capsys):
@@ -346,3 +360,100 @@ def test_minutes_budget_stops_saves_state_and_resumes(train_file, tmp_path):
     done = heal(student, teacher, resume=True, **opts)
     assert done.summary["stopped"] == "done" and done.summary["tokens_trained"] == OPTS["tokens"]
     assert not state.exists()
+
+
+# ---- the teacher's top-k cache ------------------------------------------------------------------
+
+def _topk_reference(hs, lp, ix, head_s, T):
+    """The top-k KL written with autograd: teacher top k + one tail bucket."""
+    ls = (head_s(hs) / T).log_softmax(-1)
+    p = lp.exp()
+    lq = ls.gather(1, ix)
+    p_tail = 1 - p.sum(-1)
+    q_tail = 1 - lq.exp().sum(-1)
+    return (p * (lp - lq)).sum() + (p_tail * (p_tail.log() - q_tail.log())).sum()
+
+
+def test_topk_kl_matches_autograd_and_with_the_whole_vocabulary_is_the_full_kl():
+    from dietprune.distill import topk_kl
+
+    torch.manual_seed(0)
+    hs = torch.randn(10, 6, requires_grad=True)
+    ht = torch.randn(10, 5)
+    head_s, head_t = torch.nn.Linear(6, 50, bias=False), torch.nn.Linear(5, 50, bias=False)
+    T = 2.0
+    for k in (7, 50):
+        lp, ix = heal_module.topk_teacher(ht, head_t, k, temperature=T, chunk_rows=4)
+        assert lp.shape == (10, k) and torch.all(lp[:, :-1] >= lp[:, 1:])
+        ref = _topk_reference(hs, lp, ix, head_s, T) if k < 50 else torch.nn.functional.kl_div(
+            (head_s(hs) / T).log_softmax(-1), (head_t(ht) / T).log_softmax(-1), log_target=True, reduction="sum")
+        ref.backward()
+        g_ref, gw_ref = hs.grad.clone(), head_s.weight.grad.clone()
+        hs.grad, head_s.weight.grad = None, None
+        leaf = hs.detach().requires_grad_(True)
+        total, n = topk_kl(leaf, lp, ix, head_s, temperature=T, chunk_rows=3, scale=1.0)
+        assert n == 10 and total == pytest.approx(float(ref.detach()), rel=1e-4, abs=1e-5)
+        torch.testing.assert_close(leaf.grad, g_ref, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(head_s.weight.grad, gw_ref, rtol=1e-3, atol=1e-5)
+        head_s.weight.grad = None
+    # a smaller k keeps less of the teacher's mass: the loss can only be smaller (it merges tokens into the tail)
+    lp2, ix2 = heal_module.topk_teacher(ht, head_t, 2, temperature=T)
+    small, _ = topk_kl(hs.detach(), lp2, ix2, head_s, temperature=T)
+    assert 0 <= small < float(ref.detach())
+
+
+def test_teacher_topk_runs_the_teacher_once_per_window_and_trains(tmp_path, heldout):
+    import glob
+    import tempfile
+
+    f = tmp_path / "small.txt"
+    f.write_text(_text(5, 320))
+    teacher, student = teacher_and_student()
+    tok = tiny_tokenizer()
+    windows = SequenceStream(tok, {"f": [f.read_text()]}, 32, 0, add_bos=False, fixed_windows=True)
+    per_epoch = windows.sequences_per_epoch
+    assert 4 <= per_epoch <= 12
+    epoch0 = [windows[g] for g in range(per_epoch)]
+    later = [windows[g] for g in range(per_epoch, 3 * per_epoch)]
+    assert sorted(map(tuple, later[:per_epoch])) == sorted(map(tuple, epoch0)) and later[:per_epoch] != epoch0
+    assert {windows.window_id(g) for g in range(per_epoch, 2 * per_epoch)} == set(range(per_epoch))
+    before = kl_to_teacher(student, teacher, heldout)
+    calls = []
+    hook = teacher.model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    temps = set(glob.glob(os.path.join(tempfile.gettempdir(), "dietprune-topk-*")))
+    steps = 3 * per_epoch  # batch 4: four epochs of windows
+    res = heal(student, teacher, tokenizer=tok, files=(str(f),), teacher_topk=64, lr=3e-3,
+               **dict(OPTS, tokens=32 * 4 * steps))
+    hook.remove()
+    assert sum(calls) == per_epoch  # each window once, however many epochs
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dietprune-topk-*"))) == temps  # no debris
+    assert 0.0 < res.summary["teacher_topk_mass"] < 1.0
+    assert kl_to_teacher(res.model, teacher, heldout) < 0.9 * before
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+
+
+def test_teacher_topk_identity_student_and_resume(tmp_path, train_file):
+    teacher = tiny_model("gemma3_text", seed=0)  # soft-capped logits
+    res = heal(copy.deepcopy(teacher), teacher, tokenizer=tiny_tokenizer(), files=(str(train_file),),
+               teacher_topk=5, **dict(OPTS, tokens=32 * 4 * 3))
+    assert [h["loss"] for h in res.history] == [0.0, 0.0, 0.0]
+    for (n, a), (_, b) in zip(res.model.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(a, b), n
+    # a run continued from its saved state (and its cache) equals an uninterrupted one
+    teacher, student = teacher_and_student()
+    f = tmp_path / "small.txt"
+    f.write_text(_text(6, 320))
+    opts = dict(tokenizer=tiny_tokenizer(), files=(str(f),), teacher_topk=6,
+                **{k: v for k, v in OPTS.items() if k != "tokens"})
+    long = heal(student, teacher, tokens=32 * 4 * 8, **opts)
+    state = tmp_path / "s"
+    heal(student, teacher, tokens=32 * 4 * 4, state_dir=state, keep_state=True, **opts)
+    assert (state / "teacher-top6" / "filled.npy").is_file()
+    cont = heal(student, teacher, tokens=32 * 4 * 8, state_dir=state, resume=True, **opts)
+    for (n, a), (_, b) in zip(long.model.state_dict().items(), cont.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not state.exists()  # the finished run removed its state and its cache
+    with pytest.raises(DietpruneError, match="teacher-topk"):
+        heal(student, teacher, tokens=128, teacher_topk=-1, **{k: v for k, v in opts.items() if k != "teacher_topk"})
