@@ -197,9 +197,12 @@ def evaluate_cell(model, tokenizer, settings, data_dir, limit: int) -> dict:
 STRUCTURED_CELLS = ROOT / "bench" / "results" / "structured" / "cells"
 
 
-def structured_cell(model, method, sp, settings) -> dict | None:
-    """The unhealed cell from the structured study, when it holds per-example records and the held-out
-    perplexity at the same settings (the same prune recipe, evaluation rows and perplexity text)."""
+def structured_cell(model, method, sp, settings, ppl: float | None = None) -> dict | None:
+    """The unhealed (or dense) cell from the structured study, when it holds per-example records and the
+    held-out perplexity at the same settings (the same prune recipe, evaluation rows and perplexity text).
+
+    `ppl`: the held-out perplexity measured here on the same model (the dense one, or this study's prune of
+    the same recipe), for a cell that has the records but not that perplexity."""
     from dietprune.evaluate.paired import columns
 
     f = STRUCTURED_CELLS / f"{model}__{method}__{sp:.2f}__0__default.json"
@@ -207,8 +210,10 @@ def structured_cell(model, method, sp, settings) -> dict | None:
         return None
     c = json.loads(f.read_text())
     st = c.get("settings", {})
+    if c.get("ppl_eval") is None and ppl is not None:
+        c["ppl_eval"] = ppl
     if (not c.get("records") or c.get("ppl_eval") is None or st.get("tasks") != settings["tasks"]
-            or st.get("ppl_tokens") != settings["ppl_tokens"] or st.get("samples") != 100):
+            or st.get("ppl_tokens") != settings["ppl_tokens"] or (method != "dense" and st.get("samples") != 100)):
         return None
     tasks, hits = {}, {}
     for t in DIET_TASKS:
@@ -216,8 +221,8 @@ def structured_cell(model, method, sp, settings) -> dict | None:
         tasks[t] = {"metric": m["metric"], "score": m["score"], "stderr": m.get("score_stderr"), "n": m["n"]}
         hits[t] = [int(x) for x in columns(c["records"][t], m["metric"])["correct"]]
     return {"tasks": tasks, "hits": hits, "avg": c["avg"], "ppl": c["ppl_eval"], "limit": st["limit"],
-            "seconds_eval": c["seconds"]["eval"], "seconds_ppl": c["seconds"]["ppl_eval"],
-            "param_reduction": c["summary"]["param_reduction"], "prune_config": c["config"],
+            "seconds_eval": c["seconds"]["eval"], "seconds_ppl": c["seconds"].get("ppl_eval"),
+            "param_reduction": c["summary"]["param_reduction"], "prune_config": c.get("config"),
             "source": str(f.relative_to(ROOT))}
 
 
@@ -288,8 +293,24 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict, minute
     ppl_only = tokens == cfg["mode_budget"] and mode != "full"
     cell = {"key": key, "model": model, "method": method, "sparsity": sp, "mode": mode, "tokens": tokens,
             "settings": dict(settings, limit=limit)}
-    if method != "dense" and tokens == 0:
+    if tokens == 0:
         got = structured_cell(model, method, sp, settings)
+        if got is None and minutes_left > 0 and structured_cell(model, method, sp, settings, ppl=0.0) is not None:
+            # records without the held-out perplexity: measure only that, on the dense model or on this
+            # study's own prune of the same recipe (the structured study's cells reproduce exactly)
+            if model not in models:
+                models[model] = load(model)
+            if method == "dense":
+                import torch
+
+                with torch.no_grad():
+                    ppl = float(eval_ppl(models[model].model, models[model].tokenizer, data_dir,
+                                         settings["ppl_tokens"]))
+            else:
+                folder = pruned_checkpoint(models[model], model, method, sp, data_dir)
+                ppl = json.loads((folder / "bench_ppl.json").read_text())["ppl_eval"]
+            got = structured_cell(model, method, sp, settings, ppl=ppl)
+            got["ppl_source"] = "measured here (the structured cell has records but no held-out perplexity)"
         if got is not None and got["limit"] == limit:
             cell.update({k: v for k, v in got.items() if k != "limit"})
             cell["params"] = None
@@ -522,6 +543,10 @@ def _dense_gap(state, model) -> float:
 
 
 def finish(cfg, cells, out: Path, doc: Path, plot_path: Path, notes) -> None:
+    if out.is_file():  # another invocation may have finished meanwhile: keep its commands and cells
+        prev = json.loads(out.read_text())
+        cfg = dict(cfg, commands=list(dict.fromkeys(prev.get("setup", {}).get("commands", []) + cfg["commands"])))
+        cells = {**load_cells(ROOT / cfg["cells_dir"], settings_of(cfg)), **cells}
     todo = [k for k in plan(cfg, cells) if k not in cells]
     mode = best_mode(cells, cfg["models"][0], cfg["methods"][0], cfg["sparsity"], cfg["modes"], cfg["mode_budget"])
     choice = None
@@ -550,6 +575,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default=DEFAULTS["budgets"])
     ap.add_argument("--modes", default=DEFAULTS["modes"],
                     help="training modes (several: full and LoRA are compared at --mode-budget first)")
+    ap.add_argument("--mode-budget", type=int, default=DEFAULTS["mode_budget"],
+                    help="token budget of the mode comparison; a budget the first method's full chain has a saved "
+                         "checkpoint of, or one it has not passed yet")
     ap.add_argument("--minutes", type=float, default=DEFAULTS["minutes"],
                     help="minutes of work per invocation (healing and evaluation; a heal stops and saves its state)")
     ap.add_argument("--eval-minutes", type=float, default=DEFAULTS["eval_minutes"],
@@ -564,7 +592,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = dict(DEFAULTS, models=args.models.split(","), methods=args.methods.split(","), limit=args.limit,
                budgets=[int(b) for b in args.budgets.split(",")], modes=args.modes.split(","),
-               minutes=args.minutes, eval_minutes=args.eval_minutes)
+               minutes=args.minutes, eval_minutes=args.eval_minutes, mode_budget=args.mode_budget)
+    if cfg["mode_budget"] not in cfg["budgets"] and len([m for m in cfg["modes"] if m in COMPARED]) > 1:
+        cfg["budgets"] = sorted(set(cfg["budgets"]) | {cfg["mode_budget"]})  # a checkpoint on every mode's chain
     out, doc, plot_path = ROOT / cfg["out"], ROOT / cfg["doc"], ROOT / cfg["plot"]
     prev = json.loads(out.read_text()) if out.is_file() else {}
     cmd = "DIETPRUNE_DATA_DIR=../shared/benchdata python bench/heal.py " + " ".join(
