@@ -226,6 +226,19 @@ def structured_cell(model, method, sp, settings, ppl: float | None = None) -> di
             "source": str(f.relative_to(ROOT))}
 
 
+def same_mask(folder: Path, model, method, sp) -> bool:
+    """Whether this study's prune keeps the hidden dimensions the structured cell recorded (True when
+    either side records none, e.g. methods that keep the hidden size)."""
+    from safetensors.torch import load_file
+
+    c = json.loads((STRUCTURED_CELLS / f"{model}__{method}__{sp:.2f}__0__default.json").read_text())
+    f = folder / "dietprune_mask.safetensors"
+    if "kept" not in c or not f.is_file():
+        return True
+    kept = load_file(str(f)).get("kept")
+    return kept is None or kept.tolist() == c["kept"]
+
+
 def chain_name(model, method, sp, mode) -> str:
     return f"{model}__{method}__{sp:.2f}__{mode}"
 
@@ -309,8 +322,11 @@ def run_unit(key: str, cfg: dict, settings: dict, data_dir, models: dict, minute
             else:
                 folder = pruned_checkpoint(models[model], model, method, sp, data_dir)
                 ppl = json.loads((folder / "bench_ppl.json").read_text())["ppl_eval"]
-            got = structured_cell(model, method, sp, settings, ppl=ppl)
-            got["ppl_source"] = "measured here (the structured cell has records but no held-out perplexity)"
+                if not same_mask(folder, model, method, sp):
+                    ppl = None  # not the structured cell's model: evaluated here in full below
+            got = structured_cell(model, method, sp, settings, ppl=ppl) if ppl is not None else None
+            if got is not None:
+                got["ppl_source"] = "measured here (the structured cell has records but no held-out perplexity)"
         if got is not None and got["limit"] == limit:
             cell.update({k: v for k, v in got.items() if k != "limit"})
             cell["params"] = None
